@@ -1,0 +1,54 @@
+"""Synthetic batches in the layout of ``design.md``, for tests, benchmarks and the default demo.
+
+No file I/O and no decoding: everything is drawn from a seeded ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import optree
+import torch
+
+from mstudio.policy import CAMERA_NULL, N_BUTTONS, N_CAMERA
+
+
+def random_batch(
+    batch_size: int,
+    seq_len: int,
+    image_size: int | tuple[int, int] = 64,
+    *,
+    seed: int = 0,
+    start: int | torch.Tensor = 0,
+    null_camera_fraction: float = 0.3,
+    device: torch.device | str = "cpu",
+) -> dict[str, object]:
+    """One batch of episode windows with random frames and actions.
+
+    Args:
+        batch_size: ``B``.
+        seq_len: ``T``, frames per window.
+        image_size: ``H`` (square) or ``(H, W)``.
+        seed: seeds the generator, so equal arguments give equal batches.
+        start: first timestamp of each row, an int or a long tensor ``(B,)``; ``timestamp[b] = start[b] + arange(T)``.
+        null_camera_fraction: share of steps whose camera class is 60 (the "did not move" bin).
+        device: where the tensors go.
+
+    Returns:
+        ``{"image": uint8 (B, T, H, W, 3), "agent_action": {"buttons": long (B, T, 1) in [0, 8641),
+        "camera": long (B, T, 1) in [0, 121)}, "timestamp": long (B, T), "mask": uint8 (B, T) all ones}``.
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch_size, seq_len)
+    camera = torch.randint(0, N_CAMERA, shape + (1,), generator=gen)
+    camera = torch.where(torch.rand(shape + (1,), generator=gen) < null_camera_fraction, CAMERA_NULL, camera)
+    start = torch.as_tensor(start, dtype=torch.long).expand(batch_size)
+    batch = {
+        "image": torch.randint(0, 256, shape + (height, width, 3), generator=gen, dtype=torch.uint8),
+        "agent_action": {
+            "buttons": torch.randint(0, N_BUTTONS, shape + (1,), generator=gen),
+            "camera": camera,
+        },
+        "timestamp": start[:, None] + torch.arange(seq_len),
+        "mask": torch.ones(shape, dtype=torch.uint8),
+    }
+    return optree.tree_map(lambda t: t.to(device), batch)
