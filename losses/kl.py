@@ -1,0 +1,36 @@
+"""KL regulariser between a posterior and a prior Gaussian, as MineStudio's ``KLDivergenceCallback``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from losses._keys import require
+from mstudio.distributions import gaussian_kl
+
+
+def kl_gaussian(
+    batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor], *, weight: float = 1.0
+) -> dict[str, Tensor]:
+    """KL divergence from ``latents["prior_dist"]`` to ``latents["posterior_dist"]``, averaged.
+
+    Each of the two latents is ``{"mu": float (..., D), "log_var": float (..., D)}`` (in GROOT, ``(B, D)``).
+    Per row, ``KL = -0.5 * sum_D(1 + (lq - lp) - exp(lq - lp) - (mq - mp)^2 / exp(lp))``;
+    ``loss = weight * mean(KL)``. ``batch`` and ``params`` are unused.
+
+    Returns:
+        ``{"loss", "kl_div", "kl_weight"}``, float32 scalars (``kl_div`` is the unweighted mean KL).
+    """
+    posterior = require(latents, "posterior_dist", "latents", "kl_gaussian")
+    prior = require(latents, "prior_dist", "latents", "kl_gaussian")
+    for name, dist in (("posterior_dist", posterior), ("prior_dist", prior)):
+        for key in ("mu", "log_var"):
+            require(dist, key, f"latents[{name!r}]", "kl_gaussian")
+    kl = gaussian_kl(posterior["mu"], posterior["log_var"], prior["mu"], prior["log_var"])
+    return {
+        "loss": kl.mean() * weight,
+        "kl_div": kl.mean(),
+        "kl_weight": torch.as_tensor(weight, dtype=torch.float32, device=kl.device),
+    }

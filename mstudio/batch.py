@@ -1,0 +1,92 @@
+"""The batch layout of ``design.md`` and its validation at the edge of the train step.
+
+    image         uint8 (B, T, H, W, 3)
+    agent_action  {"buttons": long (B, T, 1) in [0, 8641), "camera": long (B, T, 1) in [0, 121)}
+    timestamp     long (B, T): frame index inside the episode (the memory carry reads it)
+    mask          optional (B, T), uint8 / bool / float: 0 on padding past an episode's end
+
+Other keys (``episode``, ``env_action``, ...) pass through unchecked. Checks run in Python before a step,
+never inside it, and every error names the key, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from mstudio.policy import N_BUTTONS, N_CAMERA
+
+ACTION_CLASSES = {"buttons": N_BUTTONS, "camera": N_CAMERA}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"{value.dtype} {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _expect(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"batch[{key}] must be {expected}, got {_describe(value)}")
+
+
+def check_batch(batch: Mapping[str, Any], *, batch_size: int | None = None, check_values: bool = True) -> tuple[int, int]:
+    """Validate ``batch`` against the layout above.
+
+    Args:
+        batch: the batch.
+        batch_size: the ``B`` it must have (the train state's), or ``None`` to take it from the batch.
+        check_values: also check that action indices lie in range (reads the tensors: one device sync).
+
+    Returns:
+        ``(B, T)``.
+
+    Raises:
+        ValueError: a required key (``timestamp``) is missing, or a key has the wrong type, dtype or shape,
+            or an action index is out of range. Nothing is broadcast: every shape must match exactly.
+    """
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
+    if "timestamp" not in batch:
+        raise ValueError(f"batch['timestamp'] (long (B, T)) is required by the memory carry; batch has {sorted(batch)}")
+    timestamp = batch["timestamp"]
+    _expect(isinstance(timestamp, Tensor) and timestamp.dtype == torch.int64 and timestamp.dim() == 2,
+            "'timestamp'", "long (B, T)", timestamp)
+    B, T = timestamp.shape
+    if batch_size is not None and B != batch_size:
+        raise ValueError(
+            f"batch['timestamp'] has batch size {B}, but the train state was made for batch_size={batch_size} "
+            "(its recurrent memory has one row per batch row); make the state with init_state(..., batch_size="
+            f"{B}) or batch the data in {batch_size}s"
+        )
+
+    if "image" in batch:
+        image = batch["image"]
+        ok = isinstance(image, Tensor) and image.dtype == torch.uint8 and image.dim() == 5
+        _expect(ok and tuple(image.shape[:2]) == (B, T) and image.shape[-1] == 3,
+                "'image'", f"uint8 (B, T, H, W, 3) with (B, T) = {(B, T)}", image)
+    if "mask" in batch:
+        mask = batch["mask"]
+        _expect(isinstance(mask, Tensor) and tuple(mask.shape) == (B, T), "'mask'", f"a tensor of shape {(B, T)}", mask)
+    if "agent_action" in batch:
+        actions = batch["agent_action"]
+        if not isinstance(actions, Mapping):
+            raise ValueError(f"batch['agent_action'] must be a dict with 'buttons' and 'camera', got {_describe(actions)}")
+        for head, classes in ACTION_CLASSES.items():
+            if head not in actions:
+                raise ValueError(f"batch['agent_action'][{head!r}] is missing; agent_action has {sorted(actions)}")
+            action = actions[head]
+            ok = isinstance(action, Tensor) and action.dtype == torch.int64 and tuple(action.shape) == (B, T, 1)
+            _expect(ok, f"'agent_action'][{head!r}", f"long {(B, T, 1)}", action)
+        if check_values and B * T > 0:
+            # One device sync for both heads.
+            ranges = torch.stack([torch.stack(torch.aminmax(actions[h])) for h in ACTION_CLASSES]).tolist()
+            for (head, classes), (low, high) in zip(ACTION_CLASSES.items(), ranges):
+                if low < 0 or high >= classes:
+                    raise ValueError(
+                        f"batch['agent_action'][{head!r}] holds indices in [{low}, {high}], outside [0, {classes}) "
+                        f"({head} has {classes} classes)"
+                    )
+    return B, T

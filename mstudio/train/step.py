@@ -1,0 +1,261 @@
+"""The train step: forward, objective, gradients, optimizer update and memory carry as one pure function.
+
+``make_train_step(policy, objective, optimizer)`` returns ``step(state, batch) -> (state, metrics)``. The
+function it runs is pure (it returns a new :class:`TrainState` and never writes to ``state``, ``batch`` or
+the policy), branch-free on tensor values, and free of host syncs, so ``torch.compile(fullgraph=True)``
+turns it into one graph that stays compiled across episode resets, the warmup and the whole run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Mapping
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from losses.combinators import STEP_KEY
+from mstudio.batch import check_batch
+from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
+from mstudio.optim import GradientTransformation, apply_updates, global_norm
+from mstudio.policy import check_policy
+from mstudio.train.memory import carry_memory, episode_starts
+from mstudio.train.state import TrainState
+
+Objective = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Tensor]], dict[str, Tensor]]
+LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, Any]]
+
+
+def value_and_grad_func(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Any]:
+    """``(grads, loss, aux)`` of ``loss_fn(params) -> (loss, aux)`` by ``torch.func.grad_and_value``.
+
+    The transform dynamo traces into the compiled step's single graph. ``aux`` comes back untracked.
+    """
+    grads, (loss, aux) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+    return grads, loss, aux
+
+
+def value_and_grad_autograd(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Any]:
+    """``(grads, loss, aux)`` as :func:`value_and_grad_func` computes them, by ``torch.autograd.grad``.
+
+    Used by the eager step: torch.func's per-op wrapping costs 12-60 % more per step on VPT than autograd's
+    own backward, which is what MineStudio's ``loss.backward()`` runs. (Dynamo cannot trace
+    ``torch.autograd.grad`` into a graph, hence two implementations of one function.)
+    """
+    leaves = {name: p.detach().requires_grad_() for name, p in params.items()}
+    with torch.enable_grad():
+        loss, aux = loss_fn(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads)), loss.detach(), detach_tree(aux)
+
+
+def build_train_step(
+    apply_fn: Callable,
+    objective: Objective,
+    optimizer: GradientTransformation,
+    reached: frozenset[str],
+    value_and_grad: Callable = value_and_grad_func,
+    autocast_dtype: torch.dtype | None = None,
+) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, Tensor]]]:
+    """The pure step function for parameters ``reached`` by the objective (the others get no update).
+
+    Args:
+        apply_fn: from :func:`mstudio.functionalize`.
+        objective: ``(batch, latents, params) -> {"loss", **metrics}``; it sees the batch plus
+            ``batch["step"]`` (long scalar, updates done so far).
+        optimizer: a :class:`~mstudio.optim.GradientTransformation`.
+        reached: names of the parameters the objective's loss depends on.
+        value_and_grad: :func:`value_and_grad_func` (traceable) or :func:`value_and_grad_autograd` (eager).
+        autocast_dtype: run forward and objective under ``torch.autocast`` in this dtype (``None``: off).
+    """
+
+    def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
+        timestamp = batch["timestamp"]
+        precision = (
+            functools.partial(torch.autocast, timestamp.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext
+        )
+        memory = carry_memory(state.memory, state.init_memory, episode_starts(timestamp, state.last_timestamp))
+        objective_batch = {**batch, STEP_KEY: state.step}
+        trainable = {name: p for name, p in state.params.items() if name in reached}
+        untouched = {name: p for name, p in state.params.items() if name not in reached}
+
+        def loss_fn(trainable: dict[str, Tensor]) -> tuple[Tensor, Any]:
+            params = {**untouched, **trainable}
+            with precision():
+                latents, state_out = apply_fn(params, state.buffers, batch, memory)
+                out = objective(objective_batch, latents, params)
+            return out["loss"], (out, state_out)
+
+        grads, _, (out, state_out) = value_and_grad(loss_fn, trainable)
+        # None marks "no gradient": the optimizer leaves those parameters and their moments alone.
+        grads = {name: grads.get(name) for name in state.params}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
+        metrics["grad_norm"] = global_norm(grads)
+        if optimizer.learning_rate is not None:
+            metrics["lr"] = optimizer.learning_rate(state.step).to(torch.float32)
+        new_state = TrainState(
+            params=apply_updates(state.params, updates),
+            buffers=state.buffers,
+            opt_state=opt_state,
+            # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
+            # guards on input strides and a strided view here would recompile it on the second call.
+            memory=optree.tree_map(lambda t: t.detach().contiguous(), state_out),
+            init_memory=state.init_memory,
+            last_timestamp=timestamp[:, -1].contiguous(),
+            step=state.step + 1,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def reached_parameters(loss: Tensor, params: Mapping[str, Tensor]) -> frozenset[str]:
+    """Names of the ``params`` (leaves requiring grad) that ``loss``'s autograd graph reaches.
+
+    Walks the graph from ``loss.grad_fn`` to its ``AccumulateGrad`` nodes, without running a backward.
+    """
+    names = {id(p): name for name, p in params.items()}
+    found, seen, stack = set(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in names:
+            found.add(names[id(variable)])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return frozenset(found)
+
+
+class TrainStep:
+    """``step(state, batch) -> (new_state, metrics)``, built by :func:`make_train_step`.
+
+    The first call probes the objective once, eagerly, to learn which parameters its loss reaches
+    (``torch.func`` returns zero gradients, not ``None``, for the others, yet ``torch.optim.AdamW`` and thus
+    MineStudio leave them untouched: no decay, no moment update), checks that the policy's forward is
+    stateless, then builds (and compiles) the step. Every call validates the batch first.
+
+    Attributes:
+        reached: names of the parameters that get gradients (set by the first call).
+    """
+
+    def __init__(self, policy, objective, optimizer, *, compile, validate, autocast_dtype):
+        self.policy, self.objective, self.optimizer = policy, objective, optimizer
+        self.compile, self.validate, self.autocast_dtype = compile, validate, autocast_dtype
+        self.apply_fn, _, _ = functionalize(policy)
+        self.reached: frozenset[str] | None = None
+        self._step_fn = None
+        self._batch_keys: frozenset[str] | None = None
+        self._cuda_graphs = False
+
+    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
+        if STEP_KEY in batch:
+            raise ValueError(f"batch key {STEP_KEY!r} is reserved: the step hands its step counter to objectives there")
+        check_batch(batch, batch_size=state.batch_size, check_values=self.validate)
+        if self._step_fn is None:
+            self._build(state, batch)
+        elif frozenset(batch) != self._batch_keys:
+            raise ValueError(
+                f"batch keys changed since the first batch: missing {sorted(self._batch_keys - set(batch))}, "
+                f"new {sorted(set(batch) - self._batch_keys)}; every batch of a run must have the same keys"
+            )
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step_fn(state, batch)
+
+    def _build(self, state: TrainState, batch: Mapping[str, Any]) -> None:
+        self.reached = self._probe(state, batch)
+        self._batch_keys = frozenset(batch)
+        if not self.compile:
+            self._step_fn = build_train_step(
+                self.apply_fn, self.objective, self.optimizer, self.reached, value_and_grad_autograd, self.autocast_dtype
+            )
+            return
+        step_fn = build_train_step(
+            self.apply_fn, self.objective, self.optimizer, self.reached, value_and_grad_func, self.autocast_dtype
+        )
+        self._cuda_graphs = state.step.device.type == "cuda"
+        # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
+        mode = "reduce-overhead" if self._cuda_graphs else None
+        self._step_fn = torch.compile(step_fn, fullgraph=True, mode=mode)
+
+    def _probe(self, state: TrainState, batch: Mapping[str, Any]) -> frozenset[str]:
+        params = {name: p.detach().requires_grad_() for name, p in state.params.items()}
+
+        def run():
+            with torch.enable_grad():
+                latents, state_out = self.apply_fn(params, state.buffers, batch, state.memory)
+                out = self.objective({**batch, STEP_KEY: state.step}, latents, params)
+            return out, state_out
+
+        out, state_out = check_stateless_forward(self.policy, state.buffers, run)
+        name = getattr(self.objective, "__name__", repr(self.objective))
+        if not isinstance(out, Mapping) or "loss" not in out:
+            raise ValueError(f"objective {name} must return a dict with a 'loss' entry, got {type(out).__name__}")
+        loss = out["loss"]
+        if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+            raise ValueError(f"objective {name} must return a float scalar 'loss', got {loss!r:.120}")
+        if not loss.requires_grad:
+            raise ValueError(f"the loss of objective {name} depends on no trainable parameter")
+        _check_same_memory(state.memory, state_out)
+        return reached_parameters(loss, params)
+
+
+def _check_same_memory(memory: Any, state_out: Any) -> None:
+    """``state_out`` must have ``memory``'s structure, shapes and dtypes, or the carry would recompile."""
+    spec = lambda tree: optree.tree_map(lambda t: (tuple(t.shape), t.dtype), tree)  # noqa: E731
+    if spec(memory) != spec(state_out):
+        raise ValueError(
+            "the policy's state_out must have the structure, shapes and dtypes of its state_in "
+            f"(initial_state); got {spec(state_out)} for {spec(memory)}"
+        )
+
+
+def make_train_step(
+    policy: nn.Module,
+    objective: Objective,
+    optimizer: GradientTransformation,
+    *,
+    compile: bool = True,
+    validate: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> TrainStep:
+    """Build ``step(state, batch) -> (new_state, metrics)`` for ``policy`` trained on ``objective``.
+
+    One step, for episode windows ``batch`` (layout in :mod:`mstudio.batch`):
+
+    1. memory carry (MineStudio's ``_make_memory``): rows whose ``timestamp[:, 0] != last_timestamp + 1``
+       restart from ``init_memory``, the others continue from ``memory``;
+    2. ``latents, state_out = policy(batch, memory)`` statelessly with ``state.params``;
+    3. ``out = objective(batch | {"step": state.step}, latents, params)``; gradients of ``out["loss"]``
+       with respect to the parameters it reaches;
+    4. optimizer update (clipping, AdamW, schedule); parameters without a gradient stay bit-identical;
+    5. ``memory = state_out`` detached (truncated BPTT), ``last_timestamp = timestamp[:, -1]``, ``step + 1``.
+
+    Args:
+        policy: an ``nn.Module`` following :mod:`mstudio.policy`.
+        objective: ``(batch, latents, params) -> {"loss": scalar, **metrics}`` (see :mod:`losses`).
+        optimizer: e.g. :func:`mstudio.optim.adamw`.
+        compile: compile the whole step as one graph (``torch.compile(fullgraph=True)``; on CUDA with CUDA
+            graphs). ``False`` runs the same step eagerly.
+        validate: check every batch's action indices are in range (one device sync per step). Keys, dtypes
+            and shapes are always checked.
+        autocast_dtype: e.g. ``torch.bfloat16`` on CUDA for mixed precision; ``None`` (default) runs in the
+            parameters' precision. (bf16 on CPU is two orders of magnitude slower than float32.)
+
+    Returns:
+        A :class:`TrainStep`; ``metrics`` holds the objective's outputs plus ``grad_norm`` (global norm before
+        clipping) and ``lr``, all as detached tensors.
+    """
+    check_policy(policy)
+    if not callable(objective):
+        raise TypeError(f"objective must be callable (batch, latents, params) -> dict, got {type(objective).__name__}")
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(f"optimizer must be a mstudio.optim.GradientTransformation, got {type(optimizer).__name__}")
+    return TrainStep(policy, objective, optimizer, compile=compile, validate=validate, autocast_dtype=autocast_dtype)
