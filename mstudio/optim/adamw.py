@@ -72,14 +72,18 @@ def scale_by_adamw(
         denom = torch._foreach_sqrt(v)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
-        # torch's `p.addcdiv_(m, denom, value=-step_size)` evaluates p + (value * m) / denom; the same three
-        # operations here give the same float32 results while keeping the lr a traced tensor under compile.
-        updates = torch._foreach_mul(m, -step_size)
-        torch._foreach_div_(updates, denom)
-        if weight_decay:
-            new_p = torch._foreach_mul(p, 1 - lr * weight_decay)
-            torch._foreach_add_(new_p, updates)
-            updates = torch._foreach_sub(new_p, p)
+        # Freshly allocated tensors are updated in place below: on CPU an out-of-place foreach op costs
+        # several times an in-place one (allocation), and none of these is visible outside this function.
+        updates = torch._foreach_mul(p, 1 - lr * weight_decay)  # becomes new_p, then new_p - p
+        if torch.compiler.is_compiling():
+            # torch's `p.addcdiv_(m, denom, value=-step_size)` is p + (value * m) / denom: the same
+            # arithmetic, with the step size kept a traced tensor (the overload below wants it on the host).
+            step = torch._foreach_mul(m, -step_size)
+            torch._foreach_div_(step, denom)
+            torch._foreach_add_(updates, step)
+        else:
+            torch._foreach_addcdiv_(updates, m, denom, (-step_size).cpu().repeat(len(p)))
+        torch._foreach_sub_(updates, p)
         new_state = AdamWState(count, _rebuild(treedef, mu, present, m), _rebuild(treedef, nu, present, v))
         return _rebuild(treedef, leaves, present, updates), new_state
 

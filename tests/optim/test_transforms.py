@@ -1,0 +1,40 @@
+"""The optimizer building blocks: clipping, chain, apply_updates, global_norm."""
+
+import pytest
+import torch
+
+import mstudio.optim as optim
+
+
+def test_clip_by_global_norm_matches_clip_grad_norm_():
+    grads = {"a": torch.randn(5, 3), "b": torch.randn(7), "none": None}
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in (grads["a"], grads["b"])]
+    for p, g in zip(params, (grads["a"], grads["b"])):
+        p.grad = g.clone()
+    total = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    clipped, _ = optim.clip_by_global_norm(0.5).update(grads, (), None)
+    assert torch.equal(optim.global_norm(grads), total)
+    assert torch.equal(clipped["a"], params[0].grad) and torch.equal(clipped["b"], params[1].grad)
+    assert clipped["none"] is None
+
+
+def test_clip_leaves_small_gradients_alone():
+    grads = {"a": torch.full((4,), 0.01)}
+    clipped, _ = optim.clip_by_global_norm(10.0).update(grads, (), None)
+    torch.testing.assert_close(clipped["a"], grads["a"])
+
+
+def test_chain_threads_states_and_exposes_the_learning_rate():
+    tx = optim.chain(optim.identity(), optim.adamw(0.5, warmup_steps=2))
+    params = {"w": torch.ones(2)}
+    state = tx.init(params)
+    assert tx.learning_rate(torch.tensor(0)).item() == 0.25
+    _, state = tx.update({"w": torch.ones(2)}, state, params)
+    assert state[1][1].count.item() == 1
+    with pytest.raises(ValueError, match="more than one learning-rate"):
+        optim.chain(optim.adamw(0.1), optim.adamw(0.1))
+
+
+def test_apply_updates_checks_structure():
+    with pytest.raises(ValueError, match="structure"):
+        optim.apply_updates({"a": torch.ones(1)}, {"b": torch.ones(1)})

@@ -1,0 +1,1 @@
+"""Test-only helpers shared across test folders (on sys.path through pytest's pythonpath setting)."""
