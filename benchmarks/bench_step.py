@@ -4,7 +4,8 @@ All three train the same policy (same initial weights) on the same synthetic bat
 (weight 0.01), AdamW (lr 1e-3, weight decay 0.1, warmup 10, clipping at 1.0). The MineStudio-style step is
 what ``MineLightning`` does per batch: module forward, ``loss.backward()``, ``clip_grad_norm_``,
 ``torch.optim.AdamW`` + ``LambdaLR``, ``zero_grad``. Reports the median ms/step over ``--repeats`` timed
-steps (after warm-up), the compile time, the ratios, and the loss after the run (the three must agree).
+steps (after warm-up; the variants take turns, batch by batch), the compile time, the ratios, and the loss
+after the run (the three must agree).
 
     python benchmarks/bench_step.py                      # TinyPolicy, B=8, T=16, 64x64
     python benchmarks/bench_step.py --batch 4 --seq 32 --repeats 50
@@ -83,17 +84,25 @@ def mstudio_step(policy: torch.nn.Module, batch_size: int, compile: bool):
     return step
 
 
-def run(step, batches: list[dict], warmup: int) -> dict:
-    """Time each call of ``step``; the first ``warmup`` calls (compilation included) are reported apart."""
-    times, loss = [], None
+def run_interleaved(variants: dict, batches: list[dict], warmup: int) -> dict:
+    """Time each variant on each batch in turn (round-robin), so drifts in machine load hit all alike.
+
+    The first ``warmup`` calls (compilation included) are not in the median; the first call is reported.
+    """
+    times = {name: [] for name in variants}
+    losses_ = {}
     for batch in batches:
-        start = time.perf_counter()
-        loss = step(batch)
-        times.append(time.perf_counter() - start)
+        for name, step in variants.items():
+            start = time.perf_counter()
+            losses_[name] = step(batch)
+            times[name].append(time.perf_counter() - start)
     return {
-        "first_call_s": times[0],
-        "median_ms": 1e3 * statistics.median(times[warmup:]),
-        "final_loss": float(loss),
+        name: {
+            "first_call_s": t[0],
+            "median_ms": 1e3 * statistics.median(t[warmup:]),
+            "final_loss": float(losses_[name]),
+        }
+        for name, t in times.items()
     }
 
 
@@ -117,11 +126,7 @@ def main() -> None:
     }
     if not args.no_compile:
         variants["mstudio_compiled"] = mstudio_step(policy, args.batch, compile=True)
-    results = {}
-    for name, step in variants.items():
-        results[name] = run(step, batches, args.warmup)
-        print(f"{name:18s} {results[name]['median_ms']:8.2f} ms/step  first call {results[name]['first_call_s']:.2f} s"
-              f"  final loss {results[name]['final_loss']:.6f}")
+    results = run_interleaved(variants, batches, args.warmup)
 
     base = results["minestudio_eager"]["median_ms"]
     report = {
