@@ -185,3 +185,14 @@ def test_init_state_rejects_memory_without_a_batch_dimension():
         mstudio.init_state(Bad(), mstudio.optim.adamw(1e-3), 3)
     with pytest.raises(ValueError, match="positive int"):
         mstudio.init_state(CountingPolicy(), mstudio.optim.adamw(1e-3), 0)
+
+
+def test_frozen_parameters_are_never_updated():
+    policy = TinyPolicy(hidsize=16, image_size=16)
+    policy.conv1.weight.requires_grad_(False)
+    state, step = make(policy)
+    assert "conv1.weight" in state.buffers and "conv1.weight" not in state.params
+    for i in range(3):
+        state, _ = step(state, random_batch(2, 4, 16, seed=i, start=4 * i))
+    assert torch.equal(state.buffers["conv1.weight"], policy.conv1.weight)
+    assert not torch.equal(state.params["conv1.bias"], policy.conv1.bias)
