@@ -9,7 +9,7 @@ import losses
 import mstudio
 from mstudio.batch import check_batch
 from mstudio.data.synthetic import random_batch
-from support.policies import CountingPolicy
+from tests.support.policies import CountingPolicy
 
 
 def _edit(path, value):

@@ -1,1 +1,1 @@
-"""Test-only helpers shared across test folders (on sys.path through pytest's pythonpath setting)."""
+"""Test-only helpers shared across test folders (imported as tests.support; pytest puts the repository root on sys.path)."""

@@ -13,7 +13,7 @@ from mstudio.data.synthetic import random_batch
 from mstudio.models import TinyPolicy
 from mstudio.train.step import build_train_step, value_and_grad_autograd, value_and_grad_func
 
-from support.policies import CountingPolicy
+from tests.support.policies import CountingPolicy
 
 HYPER = dict(lr=1e-3, weight_decay=0.1, warmup_steps=3, clip_norm=1.0)
 
