@@ -1,0 +1,9 @@
+"""Episode data: the on-disk store, windows, samplers and loaders, and synthetic data."""
+
+from mstudio.data.loader import make_loader
+from mstudio.data.samplers import EpisodeContinuousBatchSampler
+from mstudio.data.store import EpisodeStore
+from mstudio.data.synthetic import fill_store, random_batch
+from mstudio.data.windows import WindowDataset
+
+__all__ = ["EpisodeContinuousBatchSampler", "EpisodeStore", "WindowDataset", "fill_store", "make_loader", "random_batch"]

@@ -1,10 +1,10 @@
-"""Synthetic batches in the layout of ``design.md``, for tests, benchmarks and the default demo.
-
-No file I/O and no decoding: everything is drawn from a seeded ``torch.Generator``.
+"""Synthetic data for tests, benchmarks and the default demo: batches in ``design.md``'s layout, drawn
+from a seeded generator (no I/O), and random episodes appended to an :class:`~mstudio.data.store.EpisodeStore`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import optree
 import torch
 
@@ -52,3 +52,28 @@ def random_batch(
         "mask": torch.ones(shape, dtype=torch.uint8),
     }
     return optree.tree_map(lambda t: t.to(device), batch)
+
+
+def fill_store(store, *, episodes: int, frames: int | tuple[int, int], seed: int = 0) -> list[str]:
+    """Append ``episodes`` random episodes to ``store`` (lengths ``frames`` or drawn from ``[lo, hi]``).
+
+    Frames are random RGB at the store's size; actions random joint indices, with ``env_buttons``,
+    ``env_camera`` and ``flags`` zero. For tests, benchmarks and the default demo. Returns the new ids.
+    """
+    rng = np.random.default_rng(seed)
+    low, high = (frames, frames) if isinstance(frames, int) else frames
+    height, width = store.image_size
+    ids, first = [], len(store)
+    for i in range(episodes):
+        n = int(rng.integers(low, high + 1))
+        episode_id = f"synthetic-{seed}-{first + i:06d}"
+        store.append(episode_id, {
+            "frames": rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8),
+            "buttons": rng.integers(0, N_BUTTONS, n).astype(np.int16),
+            "camera": rng.integers(0, N_CAMERA, n).astype(np.uint8),
+            "env_buttons": np.zeros(n, dtype=np.uint32),
+            "env_camera": np.zeros((n, 2), dtype=np.float32),
+            "flags": np.zeros(n, dtype=np.uint8),
+        }, {"source": "synthetic", "seed": seed})
+        ids.append(episode_id)
+    return ids

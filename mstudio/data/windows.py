@@ -1,0 +1,71 @@
+"""Windows of ``T`` steps over the episodes of a store, as items in ``design.md``'s batch layout."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mstudio.data.store import EpisodeStore
+from mstudio.policy import CAMERA_NULL
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Non-overlapping windows of every episode, MineStudio's ``RawDataset`` items with its bugs fixed.
+
+    Window ``k`` of an episode reads frames ``k*T*s, k*T*s + s, ..., k*T*s + (T-1)*s`` (``s = skip_frame``).
+    Steps past the episode's end are padding: black frames, the null action (buttons 0, camera 60) and
+    ``mask`` 0. ``timestamp`` counts *steps* (``k*T + arange(T)``), not frames, so consecutive windows of an
+    episode continue (``timestamp[0] == previous timestamp[-1] + 1``) for any ``skip_frame``: the train step's
+    memory carry then works with skipped frames too (MineStudio's frame-index timestamps jump by ``s`` and
+    reset the memory every batch).
+
+    Args:
+        store: an :class:`EpisodeStore`.
+        window: ``T``, steps per window.
+        episodes: the episode ids to use, in this order (default: all, in store order).
+        skip_frame: ``s`` above.
+    """
+
+    def __init__(self, store: EpisodeStore, window: int, episodes: Sequence[str] | None = None, skip_frame: int = 1):
+        if window < 1 or skip_frame < 1:
+            raise ValueError(f"window and skip_frame must be >= 1, got {window} and {skip_frame}")
+        self.store, self.window, self.skip_frame = store, window, skip_frame
+        self.episodes = list(store.episode_ids if episodes is None else episodes)
+        missing = [e for e in self.episodes if e not in store]
+        if missing:
+            raise KeyError(f"episodes not in the store: {missing[:5]}")
+        steps = [math.ceil(store.length(e) / skip_frame) for e in self.episodes]
+        #: windows per episode, and (episode position, window number) of every item
+        self.windows_per_episode = [math.ceil(n / window) for n in steps]
+        self.items = [(i, k) for i, count in enumerate(self.windows_per_episode) for k in range(count)]
+        self.first_item = np.concatenate([[0], np.cumsum(self.windows_per_episode)[:-1]]).astype(int).tolist()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        position, k = self.items[index]
+        episode = self.episodes[position]
+        T, s = self.window, self.skip_frame
+        start = k * T * s
+        stop = min(start + T * s, self.store.length(episode))
+        data = self.store.read(episode, start, stop)
+        n = len(range(start, stop, s))
+        frames = np.zeros((T, *data["frames"].shape[1:]), dtype=np.uint8)
+        frames[:n] = data["frames"][::s]
+        buttons = np.zeros(T, dtype=np.int64)
+        buttons[:n] = data["buttons"][::s]
+        camera = np.full(T, CAMERA_NULL, dtype=np.int64)
+        camera[:n] = data["camera"][::s]
+        mask = np.zeros(T, dtype=np.uint8)
+        mask[:n] = 1
+        return {
+            "image": torch.from_numpy(frames),
+            "agent_action": {"buttons": torch.from_numpy(buttons)[:, None], "camera": torch.from_numpy(camera)[:, None]},
+            "timestamp": torch.arange(k * T, k * T + T, dtype=torch.int64),
+            "mask": torch.from_numpy(mask),
+            "episode": episode,
+        }
