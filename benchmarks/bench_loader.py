@@ -1,0 +1,62 @@
+"""Loader throughput: frames/s of mstudio's DataLoader over an EpisodeStore, by image size and workers.
+
+Fills a temporary store with synthetic episodes (64 episodes x 512 frames), then iterates random-window and
+episode-continuous loaders (B=8, T=32) for ``--batches`` batches each, ``--repeats`` times, and reports the
+median frames/s. The page cache is warm (the store was just written), as it is during training.
+
+    python benchmarks/bench_loader.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mstudio.data import EpisodeStore, fill_store, make_loader
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def frames_per_second(loader, batches: int) -> float:
+    it = iter(loader)
+    next(it)  # worker start-up is not throughput
+    start, frames = time.perf_counter(), 0
+    for _, batch in zip(range(batches), it):
+        frames += batch["image"].shape[0] * batch["image"].shape[1]
+    return frames / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = []
+    for size in (64, 128):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = EpisodeStore.create(Path(tmp) / "store", image_size=(size, size))
+            fill_store(store, episodes=64, frames=512, seed=0)
+            for continuous in (False, True):
+                for workers in (0, 2):
+                    loader = make_loader(store, batch_size=8, window=32, continuous=continuous, num_workers=workers)
+                    fps = statistics.median(frames_per_second(loader, args.batches) for _ in range(args.repeats))
+                    rows.append({"image": size, "continuous": continuous, "workers": workers, "frames_per_s": fps})
+                    print(rows[-1])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "loader.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    lines = ["# Loader frames/s (B=8, T=32, warm page cache)", "", "| image | sampler | workers | frames/s |",
+             "| ---: | --- | ---: | ---: |"]
+    lines += [f"| {r['image']} | {'continuous' if r['continuous'] else 'random'} | {r['workers']} | {r['frames_per_s']:,.0f} |"
+              for r in rows]
+    (RESULTS / "loader.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
