@@ -1,9 +1,12 @@
-"""Episode data: the on-disk store, windows, samplers and loaders, and synthetic data."""
+"""Episode data: the on-disk store, windows, samplers and loaders, the VPT contractor importer, and synthetic data."""
 
+from mstudio.data.contractor_import import import_vpt
+from mstudio.data.contractor_synth import synthesize_contractor
 from mstudio.data.loader import make_loader
 from mstudio.data.samplers import EpisodeContinuousBatchSampler
 from mstudio.data.store import EpisodeStore
 from mstudio.data.synthetic import fill_store, random_batch
 from mstudio.data.windows import WindowDataset
 
-__all__ = ["EpisodeContinuousBatchSampler", "EpisodeStore", "WindowDataset", "fill_store", "make_loader", "random_batch"]
+__all__ = ["EpisodeContinuousBatchSampler", "EpisodeStore", "WindowDataset", "fill_store", "import_vpt", "make_loader", "random_batch",
+           "synthesize_contractor"]
