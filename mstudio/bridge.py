@@ -37,13 +37,11 @@ def functionalize(module: nn.Module) -> tuple[ApplyFn, Params, Params]:
     params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
     buffers = {name: p.detach() for name, p in module.named_parameters() if not p.requires_grad}
     buffers.update((name, b.detach()) for name, b in module.named_buffers())
-    expected = set(params) | set(buffers)
 
     def apply_fn(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch, state_in):
         # strict: a missing or misspelt tensor must fail, not silently fall back to the module's own copy.
         return functional_call(module, (dict(params), dict(buffers)), (batch, state_in), strict=True)
 
-    apply_fn.tensor_names = frozenset(expected)  # what apply_fn expects across params and buffers
     return apply_fn, params, buffers
 
 
