@@ -1,0 +1,167 @@
+"""``VPTPolicy``: OpenAI's VPT network with MineStudio's heads, as a stateless mstudio policy.
+
+Weight-compatible with MineStudio 1.1.6 ``minestudio.models.VPTPolicy`` (same ``state_dict`` keys and shapes,
+same outputs for the same weights), see ``models/vpt/body.py`` there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mstudio.models.vpt.config import VPTConfig, parse_policy_kwargs
+from mstudio.models.vpt.impala import FanInReLU, ImgObsProcess
+from mstudio.models.vpt.transformer import ResidualRecurrentBlocks
+from mstudio.policy import N_BUTTONS, N_CAMERA
+
+
+class MinecraftPolicy(nn.Module):
+    """Images -> latent ``(B, T, hidsize)``: IMPALA CNN, optional LayerNorm, transformer, ``relu``, dense, LayerNorm."""
+
+    def __init__(self, config: VPTConfig):
+        super().__init__()
+        dense_norm = "layer" if config.dense_layer_norm else None
+        self.img_process = ImgObsProcess(config.img_shape, config.chans, config.hidsize, config.conv_groups,
+                                         dense_norm, config.post_pool_groups, config.first_conv_norm)
+        self.pre_lstm_ln = nn.LayerNorm(config.hidsize) if config.use_pre_lstm_ln else None
+        self.recurrent_layer = ResidualRecurrentBlocks(
+            config.n_recurrence_layers, config.hidsize, config.attention_heads, config.maxlen,
+            config.use_pointwise_layer, config.pointwise_ratio, config.pointwise_use_activation,
+            config.recurrence_is_residual,
+        )
+        self.lastlayer = FanInReLU(config.hidsize, config.hidsize, conv=False, norm=dense_norm)
+        self.final_ln = nn.LayerNorm(config.hidsize)
+        self.ob_scale = 255.0 if config.scale_input_img else 1.0  # divide, as MineStudio, for bitwise-equal inputs
+
+    def forward(self, image: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        B, T = image.shape[:2]
+        x = image.reshape(B * T, *image.shape[2:]).to(torch.float32) / self.ob_scale
+        x = self.img_process(x).view(B, T, -1)
+        if self.pre_lstm_ln is not None:
+            x = self.pre_lstm_ln(x)
+        x, state = self.recurrent_layer(x, state)
+        return self.final_ln(self.lastlayer(F.relu(x))), state
+
+
+class CategoricalHead(nn.Module):
+    """``log_softmax(linear(x) / temperature)`` in float32 (even under autocast), with a singleton action dim."""
+
+    def __init__(self, hidsize: int, n: int, temperature: float):
+        super().__init__()
+        self.linear_layer = nn.Linear(hidsize, n)
+        self.temperature = temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, hidsize)`` -> float32 ``(B, T, 1, n)``."""
+        return F.log_softmax((self.linear_layer(x) / self.temperature).float(), dim=-1).unsqueeze(-2)
+
+
+class ValueHead(nn.Module):
+    """``linear(x)``; ``normalizer`` holds MineStudio's EWMA return statistics (frozen, unused by forward)."""
+
+    def __init__(self, hidsize: int):
+        super().__init__()
+        self.linear = nn.Linear(hidsize, 1)
+        self.normalizer = nn.Module()
+        for name, shape in (("running_mean", (1,)), ("running_mean_sq", (1,)), ("debiasing_term", ())):
+            setattr(self.normalizer, name, nn.Parameter(torch.zeros(shape), requires_grad=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+class VPTPolicy(nn.Module):
+    """The VPT policy (OpenAI's Video PreTraining network) with MineStudio's action and value heads.
+
+    Args:
+        **policy_kwargs: MineStudio's ``policy_kwargs`` (see :data:`mstudio.models.vpt_configs`); unknown
+            or unsupported values raise ``ValueError``.
+        temperature: divides the action logits before the log-softmax (MineStudio's ``temperature``).
+
+    Memory (``initial_state(B)``): a flat tuple with three tensors per transformer layer, as MineStudio's
+    state list: ``mask`` bool ``(B, 1, maxlen)`` (False = empty slot), ``K`` and ``V`` float32
+    ``(B, maxlen, hidsize)``, ``maxlen = attention_memory_size - timesteps``. A query attends to the
+    previous ``maxlen`` frames including itself, so one call over ``2t`` frames equals two calls over ``t``
+    frames with the state carried. As in MineStudio, episode starts inside a chunk are not modelled
+    (``first`` is all False); a trainer resets the memory between chunks instead.
+    """
+
+    def __init__(self, temperature: float = 1.0, **policy_kwargs: Any):
+        super().__init__()
+        self.config = parse_policy_kwargs(policy_kwargs)
+        self.policy_kwargs = dict(policy_kwargs)
+        hidsize = self.config.hidsize
+        # Registration order value_head, pi_head, net gives MineStudio's state_dict key order.
+        self.value_head = ValueHead(hidsize)
+        self.pi_head = nn.ModuleDict({
+            "buttons": CategoricalHead(hidsize, N_BUTTONS, temperature),
+            "camera": CategoricalHead(hidsize, N_CAMERA, temperature),
+        })
+        self.net = MinecraftPolicy(self.config)
+
+    @classmethod
+    def from_pretrained(cls, local_dir) -> "VPTPolicy":
+        """A policy from MineStudio's Hugging Face layout already on disk (``config.json`` +
+        ``model.safetensors``); see :func:`mstudio.models.vpt.weights.from_pretrained`. Never downloads."""
+        from mstudio.models.vpt.weights import from_pretrained
+
+        return from_pretrained(cls, local_dir)
+
+    def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
+        """Empty memory: per layer ``(mask False (B, 1, maxlen), K zeros, V zeros (B, maxlen, hidsize))``."""
+        device = self.net.final_ln.weight.device
+        c = self.config
+        state = []
+        for _ in range(c.n_recurrence_layers):
+            state.append(torch.zeros(batch_size, 1, c.maxlen, dtype=torch.bool, device=device))
+            state.append(torch.zeros(batch_size, c.maxlen, c.hidsize, device=device))
+            state.append(torch.zeros(batch_size, c.maxlen, c.hidsize, device=device))
+        return tuple(state)
+
+    def forward(self, batch: Mapping[str, Any], state_in: tuple[Tensor, ...] | list[Tensor]) -> tuple[dict, tuple]:
+        """Args: ``batch["image"]`` uint8 ``(B, T, H, W, 3)`` with ``(H, W, 3) == img_shape``; ``state_in`` as
+        :meth:`initial_state` returns (a MineStudio state list works too).
+
+        Returns: ``latents = {"pi_logits": {"buttons": float32 (B, T, 1, 8641), "camera": float32
+        (B, T, 1, 121)}`` (log-softmax), ``"vpred": (B, T, 1)}`` and ``state_out`` like ``state_in``, after
+        the chunk's last frame.
+        """
+        image = batch["image"]
+        self._check_inputs(image, state_in)
+        features, state_out = self.net(image, tuple(state_in))
+        latents = {
+            "pi_logits": {name: head(features) for name, head in self.pi_head.items()},
+            "vpred": self.value_head(features),
+        }
+        return latents, state_out
+
+    def _check_inputs(self, image: Tensor, state_in) -> None:
+        """Raise ``ValueError`` naming what came and what is needed (shapes are static: free under compile)."""
+        c = self.config
+        if image.dtype != torch.uint8 or image.ndim != 5 or tuple(image.shape[2:]) != c.img_shape:
+            raise ValueError(
+                f"VPTPolicy needs batch['image'] uint8 (B, T, {', '.join(map(str, c.img_shape))}), got "
+                f"{image.dtype} {tuple(image.shape)}"
+            )
+        B = image.shape[0]
+        expected = self.initial_state_spec(B)
+        if len(state_in) != len(expected):
+            raise ValueError(f"VPTPolicy needs a state of {len(expected)} tensors (3 per layer), got {len(state_in)}")
+        for i, (tensor, (shape, dtype)) in enumerate(zip(state_in, expected)):
+            ok_dtype = tensor.dtype == torch.bool if dtype == torch.bool else tensor.is_floating_point()
+            if tuple(tensor.shape) != shape or not ok_dtype:
+                raise ValueError(
+                    f"VPTPolicy state_in[{i}] must be {'bool' if dtype == torch.bool else 'float'} {shape} "
+                    f"(batch {B}), got {tensor.dtype} {tuple(tensor.shape)}; is it the state of another batch size? "
+                    "Use policy.initial_state(batch_size)"
+                )
+
+    def initial_state_spec(self, batch_size: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """``(shape, dtype)`` of each leaf of :meth:`initial_state` ``(batch_size)``, without allocating."""
+        c = self.config
+        mask = ((batch_size, 1, c.maxlen), torch.bool)
+        kv = ((batch_size, c.maxlen, c.hidsize), torch.float32)
+        return [mask, kv, kv] * c.n_recurrence_layers
