@@ -45,11 +45,11 @@ def _small(hidsize: int, heads: int, memory: int, timesteps: int) -> dict[str, A
     return config
 
 
-#: Named VPT sizes. ``tiny``: for tests (its 6-frame memory is shorter than a test window, so the band mask
-#: matters). ``small``: the benchmark size. ``1x``/``2x``/``3x``: OpenAI's foundation models
+#: Named VPT sizes. ``tiny``: for tests (half-width CNN to keep fixtures small; its 6-frame memory is shorter
+#: than a test window, so the band mask matters). ``small``: the benchmark size. ``1x``/``2x``/``3x``: OpenAI's foundation models
 #: (about 71 M, 248.5 M and 532.5 M parameters).
 vpt_configs: dict[str, dict[str, Any]] = {
-    "tiny": _small(hidsize=64, heads=4, memory=10, timesteps=4),
+    "tiny": {**_small(hidsize=64, heads=4, memory=10, timesteps=4), "impala_chans": (8, 16, 16)},
     "small": _small(hidsize=256, heads=4, memory=64, timesteps=32),
     "1x": _foundation(hidsize=1024, heads=16, impala_width=4),
     "2x": _foundation(hidsize=2048, heads=16, impala_width=8),
