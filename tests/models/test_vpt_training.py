@@ -1,0 +1,118 @@
+"""Three BC steps of VPT tiny through make_train_step against MineStudio's MineLightning (fixtures made by
+tests/fixtures/vpt/make_fixtures.py), and the compiled step: one graph, no recompiles, equal to eager."""
+
+import functools
+from pathlib import Path
+
+import optree
+import pytest
+import torch
+
+import losses
+import mstudio
+from mstudio.models import VPTPolicy, vpt_configs
+from mstudio.train.step import build_train_step, value_and_grad_func
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vpt"
+OBJECTIVE = functools.partial(losses.behavior_clone, weight=0.01)
+METRICS = ("loss", "camera_loss", "button_loss", "entropy")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return (torch.load(FIXTURES / "weights.pt", weights_only=True)["state_dict"],
+            torch.load(FIXTURES / "train.pt", weights_only=True))
+
+
+def tiny(state_dict):
+    policy = VPTPolicy(**vpt_configs["tiny"])
+    policy.load_state_dict(state_dict, strict=True)
+    return policy
+
+
+@pytest.mark.parametrize("run, clip", [("noclip", None), ("clip", 1.0)])
+def test_three_bc_steps_match_minestudio(reference, run, clip):
+    weights, ref = reference
+    policy = tiny(weights)
+    optimizer = mstudio.optim.adamw(lr=1e-3, weight_decay=0.1, warmup_steps=2, clip_norm=clip)
+    state = mstudio.init_state(policy, optimizer, batch_size=2)
+    step = mstudio.make_train_step(policy, OBJECTIVE, optimizer, compile=False)
+    for k, (batch, expected) in enumerate(zip(ref["batches"], ref[run])):
+        state, metrics = step(state, batch)
+        for key in METRICS:
+            torch.testing.assert_close(metrics[key], expected["metrics"][key].float(), rtol=1e-6, atol=1e-5,
+                                       msg=lambda m: f"step {k} {key}: {m}")
+        assert metrics["bc_weight"].item() == pytest.approx(0.01)
+        assert metrics["lr"].item() == pytest.approx(expected["lr"].item(), rel=1e-7)
+        torch.testing.assert_close(metrics["grad_norm"], expected["grad_norm"], rtol=1e-5, atol=1e-6)
+        for name, values in expected["param_values"].items():
+            tensor = state.params.get(name, state.buffers.get(name))
+            got = tensor.flatten()[ref["param_index"][name]]
+            if name.startswith("value_head."):
+                # No gradient under BC: MineStudio's AdamW skips it entirely, so it stays bit-identical.
+                assert torch.equal(got, values), name
+                assert torch.equal(tensor, weights[name]), name
+            else:
+                torch.testing.assert_close(got, values, rtol=0, atol=1e-5, msg=lambda m: f"step {k} {name}: {m}")
+                torch.testing.assert_close(tensor.double().sum(), expected["param_sum"][name], rtol=1e-5, atol=1e-3)
+    assert sorted(step.reached) == expected["with_grad"]
+
+
+def _compile_setup():
+    torch.manual_seed(0)
+    policy = VPTPolicy(**vpt_configs["tiny"])
+    optimizer = mstudio.optim.adamw(1e-3, weight_decay=0.1, warmup_steps=3, clip_norm=1.0)
+    # Six steps of B2 x T4: row 1 restarts its episode at steps 2 and 4, row 0 never does.
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for i in range(6):
+        batches.append({
+            "image": torch.randint(0, 256, (2, 4, 64, 64, 3), generator=gen, dtype=torch.uint8),
+            "agent_action": {"buttons": torch.randint(0, 8641, (2, 4, 1), generator=gen),
+                             "camera": torch.randint(0, 121, (2, 4, 1), generator=gen)},
+            "timestamp": torch.tensor([[4 * i + t for t in range(4)], [4 * (i % 2) + t for t in range(4)]]),
+        })
+    return policy, optimizer, batches
+
+
+@pytest.fixture(scope="module")
+def runs():
+    policy, optimizer, batches = _compile_setup()
+    results = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        step = mstudio.make_train_step(policy, OBJECTIVE, optimizer, compile=compiled)
+        state = mstudio.init_state(policy, optimizer, batch_size=2)
+        history = []
+        for i, batch in enumerate(batches):
+            with torch._dynamo.config.patch(error_on_recompile=compiled and i > 0):
+                state, metrics = step(state, batch)
+            history.append(metrics)
+        results[compiled] = (state, history)
+    return results
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_without_recompiles(runs):
+    (eager_state, eager_hist), (comp_state, comp_hist) = runs[False], runs[True]
+    for eager, comp in zip(eager_hist, comp_hist):
+        for key in eager:
+            torch.testing.assert_close(comp[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
+    close = optree.tree_map(lambda a, b: torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5),
+                            comp_state, eager_state)
+    assert all(optree.tree_leaves(close))
+    assert comp_state.step.item() == 6
+    assert torch.equal(comp_state.params["value_head.linear.weight"], eager_state.params["value_head.linear.weight"])
+
+
+@pytest.mark.slow
+def test_step_is_one_graph_without_breaks():
+    policy, optimizer, batches = _compile_setup()
+    state = mstudio.init_state(policy, optimizer, batch_size=2)
+    apply_fn, _, _ = mstudio.functionalize(policy)
+    reached = frozenset(k for k in state.params if not k.startswith("value_head."))
+    fn = build_train_step(apply_fn, OBJECTIVE, optimizer, reached, value_and_grad_func)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(fn)(state, batches[0])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
