@@ -58,9 +58,9 @@ def test_three_bc_steps_match_minestudio(reference, run, clip):
     assert sorted(step.reached) == expected["with_grad"]
 
 
-def _compile_setup():
+def _compile_setup(dtype=torch.float32):
     torch.manual_seed(0)
-    policy = VPTPolicy(**vpt_configs["tiny"])
+    policy = VPTPolicy(**vpt_configs["tiny"]).to(dtype)
     optimizer = mstudio.optim.adamw(1e-3, weight_decay=0.1, warmup_steps=3, clip_norm=1.0)
     # Six steps of B2 x T4: row 1 restarts its episode at steps 2 and 4, row 0 never does.
     gen = torch.Generator().manual_seed(5)
@@ -77,32 +77,43 @@ def _compile_setup():
 
 @pytest.fixture(scope="module")
 def runs():
-    policy, optimizer, batches = _compile_setup()
-    results = {}
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        step = mstudio.make_train_step(policy, OBJECTIVE, optimizer, compile=compiled)
-        state = mstudio.init_state(policy, optimizer, batch_size=2)
-        history = []
-        for i, batch in enumerate(batches):
-            with torch._dynamo.config.patch(error_on_recompile=compiled and i > 0):
-                state, metrics = step(state, batch)
-            history.append(metrics)
-        results[compiled] = (state, history)
-    return results
+    """Six compiled steps in float64 (any recompilation after the first is an error), each checked against
+    the eager step run from the same input state.
+
+    float64, because in float32 the comparison says little: VPT tiny's float32 CNN gradients on these
+    batches are only ~1 % accurate (against float64; MineStudio's float32 gradients equal ours to 1e-6, so
+    the model, not the port, is ill-conditioned there), so two correct float32 kernels differ by up to
+    1e-3 in the grad norm, and Adam turns that into parameter differences of up to lr. In float64 the
+    compiled and eager steps agree to ~1e-12.
+    """
+    policy, optimizer, batches = _compile_setup(torch.float64)
+    torch._dynamo.reset()
+    eager = mstudio.make_train_step(policy, OBJECTIVE, optimizer, compile=False)
+    compiled = mstudio.make_train_step(policy, OBJECTIVE, optimizer, compile=True)
+    state = mstudio.init_state(policy, optimizer, batch_size=2)
+    pairs = []
+    for i, batch in enumerate(batches):
+        eager_out = eager(state, batch)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            state, metrics = compiled(state, batch)
+        pairs.append((eager_out, (state, metrics)))
+    return pairs
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_without_recompiles(runs):
-    (eager_state, eager_hist), (comp_state, comp_hist) = runs[False], runs[True]
-    for eager, comp in zip(eager_hist, comp_hist):
-        for key in eager:
-            torch.testing.assert_close(comp[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
-    close = optree.tree_map(lambda a, b: torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5),
-                            comp_state, eager_state)
-    assert all(optree.tree_leaves(close))
-    assert comp_state.step.item() == 6
-    assert torch.equal(comp_state.params["value_head.linear.weight"], eager_state.params["value_head.linear.weight"])
+def test_compiled_step_equals_eager_without_recompiles(runs):
+    for i, ((eager_state, eager_metrics), (comp_state, comp_metrics)) in enumerate(runs):
+        for key in eager_metrics:
+            torch.testing.assert_close(comp_metrics[key], eager_metrics[key], rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"step {i} {key}: {m}")
+        close = optree.tree_map(lambda a, b: torch.allclose(a, b, rtol=1e-9, atol=1e-9),
+                                (comp_state.params, comp_state.opt_state, comp_state.memory),
+                                (eager_state.params, eager_state.opt_state, eager_state.memory))
+        assert all(optree.tree_leaves(close)), f"step {i}: compiled and eager states differ"
+        assert torch.equal(comp_state.params["value_head.linear.weight"], eager_state.params["value_head.linear.weight"])
+    assert runs[-1][1][0].step.item() == 6
+    lrs = [metrics["lr"].item() for _, (_, metrics) in runs]
+    assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
 
 
 @pytest.mark.slow

@@ -38,7 +38,8 @@ class MinecraftPolicy(nn.Module):
 
     def forward(self, image: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         B, T = image.shape[:2]
-        x = image.reshape(B * T, *image.shape[2:]).to(torch.float32) / self.ob_scale
+        # In the parameters' dtype: float32 as MineStudio, float64 when checking numerics against float32.
+        x = image.reshape(B * T, *image.shape[2:]).to(self.final_ln.weight.dtype) / self.ob_scale
         x = self.img_process(x).view(B, T, -1)
         if self.pre_lstm_ln is not None:
             x = self.pre_lstm_ln(x)
@@ -83,7 +84,7 @@ class VPTPolicy(nn.Module):
 
     Memory (``initial_state(B)``): a flat tuple with three tensors per transformer layer, as MineStudio's
     state list: ``mask`` bool ``(B, 1, maxlen)`` (False = empty slot), ``K`` and ``V`` float32
-    ``(B, maxlen, hidsize)``, ``maxlen = attention_memory_size - timesteps``. A query attends to the
+    (the parameters' dtype) ``(B, maxlen, hidsize)``, ``maxlen = attention_memory_size - timesteps``. A query attends to the
     previous ``maxlen`` frames including itself, so one call over ``2t`` frames equals two calls over ``t``
     frames with the state carried. As in MineStudio, episode starts inside a chunk are not modelled
     (``first`` is all False); a trainer resets the memory between chunks instead.
@@ -92,7 +93,6 @@ class VPTPolicy(nn.Module):
     def __init__(self, temperature: float = 1.0, **policy_kwargs: Any):
         super().__init__()
         self.config = parse_policy_kwargs(policy_kwargs)
-        self.policy_kwargs = dict(policy_kwargs)
         hidsize = self.config.hidsize
         # Registration order value_head, pi_head, net gives MineStudio's state_dict key order.
         self.value_head = ValueHead(hidsize)
@@ -112,13 +112,13 @@ class VPTPolicy(nn.Module):
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         """Empty memory: per layer ``(mask False (B, 1, maxlen), K zeros, V zeros (B, maxlen, hidsize))``."""
-        device = self.net.final_ln.weight.device
+        reference = self.net.final_ln.weight  # K, V in the parameters' dtype: float32 unless cast
         c = self.config
         state = []
         for _ in range(c.n_recurrence_layers):
-            state.append(torch.zeros(batch_size, 1, c.maxlen, dtype=torch.bool, device=device))
-            state.append(torch.zeros(batch_size, c.maxlen, c.hidsize, device=device))
-            state.append(torch.zeros(batch_size, c.maxlen, c.hidsize, device=device))
+            state.append(torch.zeros(batch_size, 1, c.maxlen, dtype=torch.bool, device=reference.device))
+            state.append(torch.zeros(batch_size, c.maxlen, c.hidsize, dtype=reference.dtype, device=reference.device))
+            state.append(torch.zeros(batch_size, c.maxlen, c.hidsize, dtype=reference.dtype, device=reference.device))
         return tuple(state)
 
     def forward(self, batch: Mapping[str, Any], state_in: tuple[Tensor, ...] | list[Tensor]) -> tuple[dict, tuple]:
