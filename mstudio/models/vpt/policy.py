@@ -48,7 +48,8 @@ class MinecraftPolicy(nn.Module):
 
 
 class CategoricalHead(nn.Module):
-    """``log_softmax(linear(x) / temperature)`` in float32 (even under autocast), with a singleton action dim."""
+    """``log_softmax(linear(x) / temperature)`` in at least float32 (float32 under bf16 autocast, as MineStudio;
+    float64 for a float64 model), with a singleton action dim."""
 
     def __init__(self, hidsize: int, n: int, temperature: float):
         super().__init__()
@@ -56,8 +57,9 @@ class CategoricalHead(nn.Module):
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, T, hidsize)`` -> float32 ``(B, T, 1, n)``."""
-        return F.log_softmax((self.linear_layer(x) / self.temperature).float(), dim=-1).unsqueeze(-2)
+        """``(B, T, hidsize)`` -> float32 (or float64) ``(B, T, 1, n)``."""
+        logits = self.linear_layer(x) / self.temperature
+        return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).unsqueeze(-2)
 
 
 class ValueHead(nn.Module):
