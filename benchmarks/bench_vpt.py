@@ -106,14 +106,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compile happens here)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
-    parser.add_argument("--minestudio-python", help="python of a venv with minestudio==1.1.6: also time MineStudio's own VPT")
+    parser.add_argument("--minestudio-python",
+                        help="python of a venv with minestudio==1.1.6: also time MineStudio's own VPT")
     args = parser.parse_args()
 
     report = {
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
         "hyper": HYPER,
-        "sizes": {name: bench_size(name, args.repeats, args.warmup, not args.no_compile, args.minestudio_python) for name in args.sizes},
+        "sizes": {
+            name: bench_size(name, args.repeats, args.warmup, not args.no_compile, args.minestudio_python)
+            for name in args.sizes
+        },
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vpt.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -110,7 +110,8 @@ def test_compiled_step_equals_eager_without_recompiles(runs):
                                 (comp_state.params, comp_state.opt_state, comp_state.memory),
                                 (eager_state.params, eager_state.opt_state, eager_state.memory))
         assert all(optree.tree_leaves(close)), f"step {i}: compiled and eager states differ"
-        assert torch.equal(comp_state.params["value_head.linear.weight"], eager_state.params["value_head.linear.weight"])
+        value = "value_head.linear.weight"
+        assert torch.equal(comp_state.params[value], eager_state.params[value])
     assert runs[-1][1][0].step.item() == 6
     lrs = [metrics["lr"].item() for _, (_, metrics) in runs]
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])

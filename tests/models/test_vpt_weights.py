@@ -105,5 +105,6 @@ def test_wrong_image_size_or_dtype_raises():
 
 def test_state_from_another_batch_size_raises():
     policy = tiny()
-    with pytest.raises(ValueError, match=r"state_in\[0\] must be bool \(2, 1, 6\) \(batch 2\), got torch.bool \(3, 1, 6\)"):
+    expected = r"state_in\[0\] must be bool \(2, 1, 6\) \(batch 2\), got torch.bool \(3, 1, 6\)"
+    with pytest.raises(ValueError, match=expected):
         policy({"image": torch.zeros(2, 4, 64, 64, 3, dtype=torch.uint8)}, policy.initial_state(3))

@@ -46,8 +46,8 @@ def _small(hidsize: int, heads: int, memory: int, timesteps: int) -> dict[str, A
 
 
 #: Named VPT sizes. ``tiny``: for tests (half-width CNN to keep fixtures small; its 6-frame memory is shorter
-#: than a test window, so the band mask matters). ``small``: the benchmark size. ``1x``/``2x``/``3x``: OpenAI's foundation models
-#: (about 71 M, 248.5 M and 532.5 M parameters).
+#: than a test window, so the band mask matters). ``small``: the benchmark size. ``1x``/``2x``/``3x``: OpenAI's
+#: foundation models (about 71 M, 248.5 M and 532.5 M parameters).
 vpt_configs: dict[str, dict[str, Any]] = {
     "tiny": {**_small(hidsize=64, heads=4, memory=10, timesteps=4), "impala_chans": (8, 16, 16)},
     "small": _small(hidsize=256, heads=4, memory=64, timesteps=32),
@@ -137,7 +137,9 @@ def parse_policy_kwargs(kwargs: Mapping[str, Any]) -> VPTConfig:
         raise ValueError(f"VPTPolicy: img_shape must be (height, width, 3), got {img_shape}")
     timesteps = take("timesteps", None)
     if timesteps is None:
-        raise ValueError("VPTPolicy: timesteps is required (the transformer memory is attention_memory_size - timesteps)")
+        raise ValueError(
+            "VPTPolicy: timesteps is required (the transformer memory is attention_memory_size - timesteps)"
+        )
 
     config = VPTConfig(
         hidsize=int(take("hidsize", 512)),
@@ -167,5 +169,7 @@ def parse_policy_kwargs(kwargs: Mapping[str, Any]) -> VPTConfig:
             f"({config.timesteps}): the memory holds attention_memory_size - timesteps frames"
         )
     if config.hidsize % config.attention_heads:
-        raise ValueError(f"VPTPolicy: hidsize {config.hidsize} is not divisible by attention_heads {config.attention_heads}")
+        raise ValueError(
+            f"VPTPolicy: hidsize {config.hidsize} is not divisible by attention_heads {config.attention_heads}"
+        )
     return config

@@ -34,7 +34,10 @@ class FanInReLU(nn.Module):
         else:
             self.norm = None
         bias = self.norm is None
-        self.layer = nn.Conv2d(inchan, outchan, 3, padding=1, bias=bias) if conv else nn.Linear(inchan, outchan, bias=bias)
+        if conv:
+            self.layer = nn.Conv2d(inchan, outchan, 3, padding=1, bias=bias)
+        else:
+            self.layer = nn.Linear(inchan, outchan, bias=bias)
         self.activation = activation
         with torch.no_grad():
             w = self.layer.weight
@@ -47,7 +50,8 @@ class FanInReLU(nn.Module):
         if self.norm is not None:
             x = self.norm(x)
         x = self.layer(x)
-        return F.relu(x) if self.activation else x
+        # In place, as VPT: x is this layer's fresh output, and relu's backward needs only its result.
+        return F.relu(x, inplace=True) if self.activation else x
 
 
 class CnnBasicBlock(nn.Module):

@@ -85,10 +85,10 @@ class VPTPolicy(nn.Module):
         temperature: divides the action logits before the log-softmax (MineStudio's ``temperature``).
 
     Memory (``initial_state(B)``): a flat tuple with three tensors per transformer layer, as MineStudio's
-    state list: ``mask`` bool ``(B, 1, maxlen)`` (False = empty slot), ``K`` and ``V`` float32
-    (the parameters' dtype) ``(B, maxlen, hidsize)``, ``maxlen = attention_memory_size - timesteps``. A query attends to the
-    previous ``maxlen`` frames including itself, so one call over ``2t`` frames equals two calls over ``t``
-    frames with the state carried. As in MineStudio, episode starts inside a chunk are not modelled
+    state list: ``mask`` bool ``(B, 1, maxlen)`` (False = empty slot), ``K`` and ``V`` float32 (the
+    parameters' dtype) ``(B, maxlen, hidsize)``, ``maxlen = attention_memory_size - timesteps``. A query
+    attends to the previous ``maxlen`` frames including itself, so one call over ``2t`` frames equals two
+    calls over ``t`` frames with the state carried. As in MineStudio, episode starts inside a chunk are not modelled
     (``first`` is all False); a trainer resets the memory between chunks instead.
     """
 
