@@ -128,6 +128,11 @@ def main() -> None:
             [f"--sizes {' '.join(args.sizes)}", f"--repeats {args.repeats}", f"--warmup {args.warmup}"]
             + ([f"--minestudio-python {args.minestudio_python}"] if args.minestudio_python else [])) + "`",
         "",
+        "minestudio_eager: MineLightning's per-batch work on our module; mstudio_*: make_train_step; "
+        "minestudio_real (if run): MineStudio's own VPTPolicy in its venv, timed after the others, not interleaved. "
+        "First call of mstudio_compiled = compile time. Final losses differ in the 4th digit: float32 round-off "
+        "grows through AdamW on VPT (see tests/models/test_vpt_training.py).",
+        "",
         "| size | B x T | variant | median ms/step | speed vs MineStudio-style | first call (s) | final loss |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
