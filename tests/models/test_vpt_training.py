@@ -11,7 +11,7 @@ import torch
 import losses
 import mstudio
 from mstudio.models import VPTPolicy, vpt_configs
-from mstudio.train.step import build_train_step, value_and_grad_func
+from tests.support.compile_checks import assert_step_is_one_graph
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vpt"
 OBJECTIVE = functools.partial(losses.behavior_clone, weight=0.01)
@@ -120,11 +120,4 @@ def test_compiled_step_equals_eager_without_recompiles(runs):
 @pytest.mark.slow
 def test_step_is_one_graph_without_breaks():
     policy, optimizer, batches = _compile_setup()
-    state = mstudio.init_state(policy, optimizer, batch_size=2)
-    apply_fn, _, _ = mstudio.functionalize(policy)
-    reached = frozenset(k for k in state.params if not k.startswith("value_head."))
-    fn = build_train_step(apply_fn, OBJECTIVE, optimizer, reached, value_and_grad_func)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(fn)(state, batches[0])
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    assert_step_is_one_graph(policy, optimizer, OBJECTIVE, batches[0], no_grad_prefix="value_head.")

@@ -11,7 +11,7 @@ import losses
 import mstudio
 from mstudio.data.synthetic import random_batch
 from mstudio.models import TinyPolicy
-from mstudio.train.step import build_train_step, value_and_grad_func
+from tests.support.compile_checks import assert_step_is_one_graph
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +66,4 @@ def test_no_recompiles_across_resets_and_warmup(runs):
 
 def test_one_graph_no_breaks():
     policy, optimizer, objective, batches = _setup()
-    state = mstudio.init_state(policy, optimizer, batch_size=2)
-    apply_fn, _, _ = mstudio.functionalize(policy)
-    reached = frozenset(k for k in state.params if not k.startswith("value"))
-    fn = build_train_step(apply_fn, objective, optimizer, reached, value_and_grad_func)
-    torch._dynamo.reset()
-    explanation = torch._dynamo.explain(fn)(state, batches[0])
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    assert_step_is_one_graph(policy, optimizer, objective, batches[0], no_grad_prefix="value")
