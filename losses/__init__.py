@@ -1,17 +1,42 @@
 """Objectives: pure functions ``(batch, latents, params) -> {"loss": scalar, **metrics}``.
 
-Importable on its own (it needs only torch and :mod:`mstudio.distributions`, never the trainer)::
+Importable on its own (it needs only torch and :mod:`mstudio.distributions`, never the trainer). The contract
+(what an objective receives and returns, the step counter and hyper-parameters it may read) is in
+:mod:`losses.api`. Combine and weight objectives with :func:`combine` and :func:`weighted`::
 
-    import losses
     objective = losses.combine(losses.weighted(losses.behavior_clone, 0.01), losses.kl_gaussian)
     out = objective(batch, latents, params)
 
-Configuration is bound with keyword arguments (``functools.partial(losses.behavior_clone, weight=0.01)``)
-or with :func:`weighted`; objectives hold no state. Each objective's docstring lists the keys it reads.
+Writing a new objective takes a function; this one penalises the value head's output size::
+
+    def value_l2(batch, latents, params):
+        \"\"\"Mean squared ``latents["vpred"]`` (B, T, 1) over valid steps.\"\"\"
+        vpred = latents["vpred"].squeeze(-1).float()          # (B, T)
+        mask = batch.get("mask")                               # optional (B, T), 0 on padding
+        mask = torch.ones_like(vpred) if mask is None else mask.to(vpred.dtype)
+        value_l2 = (vpred.square() * mask).sum() / mask.sum().clamp_min(1)
+        return {"loss": value_l2, "value_l2": value_l2.detach()}
+
+    objective = losses.combine(losses.behavior_clone, losses.weighted(value_l2, losses.Hyperparam("v_w", 0.1)))
+
+It compiles into the train step as it is; ``mstudio.set_hyperparams(state, v_w=0.5)`` changes its weight
+mid-run without a recompile.
 """
 
+from losses.api import HYPERPARAMS_KEY, STEP_KEY, Hyperparam, Objective, Schedule, hyperparams_of
 from losses.behavior_clone import behavior_clone
-from losses.combinators import STEP_KEY, Objective, combine, weighted
+from losses.combinators import combine, weighted
 from losses.kl import kl_gaussian
 
-__all__ = ["STEP_KEY", "Objective", "behavior_clone", "combine", "kl_gaussian", "weighted"]
+__all__ = [
+    "HYPERPARAMS_KEY",
+    "STEP_KEY",
+    "Hyperparam",
+    "Objective",
+    "Schedule",
+    "behavior_clone",
+    "combine",
+    "hyperparams_of",
+    "kl_gaussian",
+    "weighted",
+]

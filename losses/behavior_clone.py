@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -11,9 +12,11 @@ from losses._keys import require, step_mask
 from mstudio import distributions
 from mstudio.policy import CAMERA_NULL
 
+__all__ = ["behavior_clone"]
+
 
 def behavior_clone(
-    batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor], *, weight: float = 1.0
+    batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor], *, weight: float | None = None
 ) -> dict[str, Tensor]:
     """Negative log-likelihood of the recorded actions, summed over time and averaged over the batch.
 
@@ -25,8 +28,12 @@ def behavior_clone(
     ``cam = (camera != 60)`` (the camera head is not trained on steps where the camera did not move)::
 
         camera_loss = -(logp_camera * m * cam).sum(T)      button_loss = -(logp_buttons * m).sum(T)
-        loss        = weight * mean_B(camera_loss + button_loss)
+        loss        = mean_B(camera_loss + button_loss)
         entropy     = mean_B((ent_camera * m * cam).sum(T) + (ent_buttons * m).sum(T))
+
+    Weight it with :func:`losses.weighted` (``weighted(behavior_clone, 0.01)`` is MineStudio's
+    ``BehaviorCloneCallback(weight=0.01)``; ``bc_weight``, its declared ``weight_key``, then reports 0.01).
+    ``weight=`` is deprecated: it is the same as ``weighted``.
 
     Returns:
         ``{"loss", "camera_loss", "button_loss", "entropy", "bc_weight"}``, float32 scalars
@@ -43,6 +50,11 @@ def behavior_clone(
     entropy_camera = (entropy["camera"] * mask * camera_moved).sum(-1)
     entropy_buttons = (entropy["buttons"] * mask).sum(-1)
     camera_loss, button_loss = -logp_camera, -logp_buttons
+    if weight is None:
+        weight = 1.0
+    else:
+        warnings.warn("behavior_clone(weight=w) is deprecated; use losses.weighted(losses.behavior_clone, w)",
+                      DeprecationWarning, stacklevel=2)
     return {
         "loss": (camera_loss + button_loss).mean() * weight,
         "camera_loss": camera_loss.mean(),
@@ -50,3 +62,6 @@ def behavior_clone(
         "entropy": (entropy_camera + entropy_buttons).mean(),
         "bc_weight": torch.as_tensor(weight, dtype=torch.float32, device=camera_loss.device),
     }
+
+
+behavior_clone.weight_key = "bc_weight"

@@ -2,76 +2,76 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
-Objective = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Tensor]], dict[str, Tensor]]
-Schedule = Callable[[Tensor], Union[Tensor, float]]
+from losses.api import Objective, Weight, check_output, Hyperparam, objective_name, resolve_weight
 
-#: Key under which the train step hands its step counter (long scalar tensor, the number of updates done
-#: before this batch) to objectives, inside the batch they receive. Schedules of :func:`weighted` read it.
-STEP_KEY = "step"
-
-
-def _name(objective: Callable) -> str:
-    return getattr(objective, "__name__", None) or getattr(getattr(objective, "func", None), "__name__", repr(objective))
-
-
-def _call(objective: Objective, batch, latents, params) -> dict[str, Tensor]:
-    out = objective(batch, latents, params)
-    if not isinstance(out, Mapping) or "loss" not in out:
-        raise ValueError(f"objective {_name(objective)} must return a dict with a 'loss' entry, got {out!r:.200}")
-    return dict(out)
+__all__ = ["combine", "weighted"]
 
 
 def combine(*objectives: Objective) -> Objective:
     """Sum of objectives, as MineStudio's ``MineLightning`` sums its callbacks.
 
     The ``"loss"`` entries are added; any other key returned by more than one objective is added too
-    (MineStudio sums same-named keys), and the rest are passed through.
+    (MineStudio sums same-named keys), and the rest are passed through. The result reads the
+    hyper-parameters of all of ``objectives``.
     """
     if not objectives:
         raise ValueError("combine needs at least one objective")
 
-    def combined(batch, latents, params):
+    def combined(batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         total: dict[str, Tensor] = {}
         for objective in objectives:
-            for key, value in _call(objective, batch, latents, params).items():
+            for key, value in check_output(objective(batch, latents, params), objective).items():
                 total[key] = total[key] + value if key in total else value
         return total
 
-    combined.__name__ = f"combine({', '.join(_name(o) for o in objectives)})"
+    combined.__name__ = f"combine({', '.join(objective_name(o) for o in objectives)})"
+    combined.hyperparams = _merge_hyperparams(objectives)
     return combined
 
 
-def weighted(objective: Objective, weight: float | Schedule) -> Objective:
-    """``objective`` with its ``"loss"`` multiplied by ``weight``.
+def weighted(objective: Objective, weight: Weight, *, weight_key: str | None = None) -> Objective:
+    """``objective`` with its ``"loss"`` multiplied by ``weight``: the one way to weight a term.
 
     Args:
         objective: any objective.
-        weight: a number, or a schedule ``step -> weight`` (e.g. from :mod:`mstudio.optim.schedules`) evaluated
-            on ``batch["step"]`` (:data:`STEP_KEY`), which :func:`mstudio.make_train_step` puts in the batch it
-            hands to objectives. Called on its own, a scheduled objective needs that key in ``batch``.
+        weight: a number; a schedule ``step -> weight`` (:mod:`mstudio.optim.schedules`) evaluated on
+            ``batch["step"]``; or a :class:`~losses.api.Hyperparam` read from the train state, so it can change
+            mid-run without a recompile (see :mod:`losses.api`).
+        weight_key: the metric that reports the objective's weight, multiplied too so it shows the weight in
+            force (MineStudio logs ``bc_weight`` / ``kl_weight``). Defaults to the objective's declared
+            ``weight_key`` attribute (``behavior_clone.weight_key == "bc_weight"``); ``None`` when it has none.
 
-    Entries named ``*_weight`` (``bc_weight``, ``kl_weight``) are multiplied too, so they report the weight
-    in force: ``weighted(behavior_clone, 0.01)`` returns exactly what MineStudio's
-    ``BehaviorCloneCallback(weight=0.01)`` does.
+    ``weighted(behavior_clone, 0.01)`` returns exactly what MineStudio's ``BehaviorCloneCallback(weight=0.01)``
+    does. Example::
+
+        objective = losses.weighted(losses.behavior_clone, losses.Hyperparam("bc_weight", 0.01))
     """
+    key = weight_key if weight_key is not None else getattr(objective, "weight_key", None)
 
-    def weighted_objective(batch, latents, params):
-        out = _call(objective, batch, latents, params)
-        if callable(weight):
-            if STEP_KEY not in batch:
-                raise ValueError(
-                    f"weighted({_name(objective)}) has a scheduled weight, which reads batch[{STEP_KEY!r}] "
-                    "(a long scalar tensor); make_train_step adds it, a direct call must pass it"
-                )
-            w = torch.as_tensor(weight(batch[STEP_KEY]), dtype=out["loss"].dtype, device=out["loss"].device)
-        else:
-            w = weight
-        return {key: value * w if key == "loss" or key.endswith("_weight") else value for key, value in out.items()}
+    def weighted_objective(batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        out = check_output(objective(batch, latents, params), objective)
+        w = resolve_weight(weight, batch, out["loss"], objective)
+        out["loss"] = out["loss"] * w
+        if key is not None and key in out:
+            out[key] = out[key] * w
+        return out
 
-    weighted_objective.__name__ = f"weighted({_name(objective)})"
+    weighted_objective.__name__ = f"weighted({objective_name(objective)})"
+    weighted_objective.weight_key = key
+    extra = [weight] if isinstance(weight, Hyperparam) else []
+    weighted_objective.hyperparams = _merge_hyperparams([objective], extra)
     return weighted_objective
+
+
+def _merge_hyperparams(objectives, extra: list[Hyperparam] = ()) -> dict[str, float]:
+    """``name -> default`` over ``objectives`` and ``extra``; one name with two defaults is an error."""
+    merged: dict[str, float] = {}
+    pairs = [item for o in objectives for item in getattr(o, "hyperparams", {}).items()]
+    for name, default in pairs + [(h.name, h.default) for h in extra]:
+        if merged.setdefault(name, default) != default:
+            raise ValueError(f"hyper-parameter {name!r} is declared with two defaults, {merged[name]} and {default}")
+    return merged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -10,15 +11,18 @@ from torch import Tensor
 from losses._keys import require
 from mstudio.distributions import gaussian_kl
 
+__all__ = ["kl_gaussian"]
+
 
 def kl_gaussian(
-    batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor], *, weight: float = 1.0
+    batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor], *, weight: float | None = None
 ) -> dict[str, Tensor]:
     """KL divergence from ``latents["prior_dist"]`` to ``latents["posterior_dist"]``, averaged.
 
     Each of the two latents is ``{"mu": float (..., D), "log_var": float (..., D)}`` (in GROOT, ``(B, D)``).
     Per row, ``KL = -0.5 * sum_D(1 + (lq - lp) - exp(lq - lp) - (mq - mp)^2 / exp(lp))``;
-    ``loss = weight * mean(KL)``. ``batch`` and ``params`` are unused.
+    ``loss = mean(KL)``. ``batch`` and ``params`` are unused. Weight it with :func:`losses.weighted`
+    (``kl_weight``, its declared ``weight_key``, then reports the weight); ``weight=`` is deprecated.
 
     Returns:
         ``{"loss", "kl_div", "kl_weight"}``, float32 scalars (``kl_div`` is the unweighted mean KL).
@@ -29,8 +33,16 @@ def kl_gaussian(
         for key in ("mu", "log_var"):
             require(dist, key, f"latents[{name!r}]", "kl_gaussian")
     kl = gaussian_kl(posterior["mu"], posterior["log_var"], prior["mu"], prior["log_var"])
+    if weight is None:
+        weight = 1.0
+    else:
+        warnings.warn("kl_gaussian(weight=w) is deprecated; use losses.weighted(losses.kl_gaussian, w)",
+                      DeprecationWarning, stacklevel=2)
     return {
         "loss": kl.mean() * weight,
         "kl_div": kl.mean(),
         "kl_weight": torch.as_tensor(weight, dtype=torch.float32, device=kl.device),
     }
+
+
+kl_gaussian.weight_key = "kl_weight"

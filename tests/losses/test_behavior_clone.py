@@ -55,7 +55,7 @@ def _latents(raw):
 @pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.bool, torch.float32, torch.float64])
 def test_matches_float64_reference_for_every_mask_dtype(mask_dtype):
     raw, batch = _inputs(mask_dtype=mask_dtype)
-    out = losses.behavior_clone(batch, _latents(raw), {}, weight=0.01)
+    out = losses.weighted(losses.behavior_clone, 0.01)(batch, _latents(raw), {})
     ref = _reference(raw, batch, 0.01)
     for key in ("loss", "camera_loss", "button_loss", "entropy"):
         assert out[key].item() == pytest.approx(ref[key], rel=1e-12), key
@@ -88,7 +88,7 @@ def test_gradcheck():
 
     def loss(buttons, camera):
         latents = {"pi_logits": {"buttons": torch.log_softmax(buttons, -1), "camera": torch.log_softmax(camera, -1)}}
-        out = losses.behavior_clone(batch, latents, {}, weight=0.3)
+        out = losses.weighted(losses.behavior_clone, 0.3)(batch, latents, {})
         return out["loss"], out["entropy"]
 
     inputs = tuple(small[k].clone().requires_grad_() for k in ("buttons", "camera"))

@@ -28,11 +28,30 @@ def test_combinators_nest():
     assert out["loss"].item() == pytest.approx(7.0 + 70.0)
 
 
-def test_weighted_scales_loss_and_weight_metrics_only():
-    out = losses.weighted(const("bc", 2.0, bc_weight=1.0, camera_loss=8.0), 0.01)({}, {}, {})
+def test_weighted_scales_loss_and_the_declared_weight_metric_only():
+    objective = const("bc", 2.0, bc_weight=1.0, other_weight=1.0, camera_loss=8.0)
+    out = losses.weighted(objective, 0.01, weight_key="bc_weight")({}, {}, {})
     assert out["loss"].item() == pytest.approx(0.02)
     assert out["bc_weight"].item() == pytest.approx(0.01)
-    assert out["camera_loss"].item() == 8.0
+    assert out["other_weight"].item() == 1.0 and out["camera_loss"].item() == 8.0  # no name sniffing
+    assert losses.weighted(objective, 0.01)({}, {}, {})["bc_weight"].item() == 1.0  # nothing declared
+    assert losses.weighted(losses.behavior_clone, 0.5).weight_key == "bc_weight"
+
+
+def test_hyperparam_weight_reads_the_state_value():
+    objective = losses.combine(
+        losses.weighted(const("a", 2.0), losses.Hyperparam("w_a", 0.5)),
+        losses.weighted(const("b", 1.0, kl_weight=1.0), losses.Hyperparam("w_b", 3.0), weight_key="kl_weight"),
+    )
+    assert losses.hyperparams_of(objective) == {"w_a": 0.5, "w_b": 3.0}
+    values = {"w_a": torch.tensor(0.25, dtype=torch.float64), "w_b": torch.tensor(2.0, dtype=torch.float64)}
+    out = objective({losses.HYPERPARAMS_KEY: values}, {}, {})
+    assert out["loss"].item() == 2.0 * 0.25 + 1.0 * 2.0 and out["kl_weight"].item() == 2.0
+    with pytest.raises(ValueError, match="hyper-parameter 'w_a'"):
+        objective({}, {}, {})
+    with pytest.raises(ValueError, match="two defaults"):
+        losses.combine(losses.weighted(const("a", 1.0), losses.Hyperparam("w", 1.0)),
+                       losses.weighted(const("b", 1.0), losses.Hyperparam("w", 2.0)))
 
 
 def test_weighted_behavior_clone_equals_its_weight_argument():
@@ -42,14 +61,15 @@ def test_weighted_behavior_clone_equals_its_weight_argument():
     batch = {"agent_action": {"buttons": torch.randint(0, 8641, (2, 3, 1), generator=gen),
                               "camera": torch.randint(0, 121, (2, 3, 1), generator=gen)}}
     a = losses.weighted(losses.behavior_clone, 0.01)(batch, latents, {})
-    b = functools.partial(losses.behavior_clone, weight=0.01)(batch, latents, {})
+    with pytest.warns(DeprecationWarning, match="losses.weighted"):
+        b = functools.partial(losses.behavior_clone, weight=0.01)(batch, latents, {})
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
 
 
 def test_scheduled_weight_reads_the_step_from_the_batch():
-    objective = losses.weighted(const("kl", 1.0, kl_weight=1.0), schedules.linear_warmup(0.5, 4))
+    objective = losses.weighted(const("kl", 1.0, kl_weight=1.0), schedules.linear_warmup(0.5, 4), weight_key="kl_weight")
     for step, expected in [(0, 0.125), (1, 0.25), (3, 0.5), (10, 0.5)]:
         out = objective({losses.STEP_KEY: torch.tensor(step)}, {}, {})
         assert out["loss"].item() == pytest.approx(expected)

@@ -30,7 +30,7 @@ def _reference(latents):
 
 def test_matches_closed_form():
     latents = _dists()
-    out = losses.kl_gaussian({}, latents, {}, weight=0.5)
+    out = losses.weighted(losses.kl_gaussian, 0.5)({}, latents, {})
     ref = _reference(latents)
     assert out["kl_div"].item() == pytest.approx(ref, rel=1e-12)
     assert out["loss"].item() == pytest.approx(0.5 * ref, rel=1e-12)
