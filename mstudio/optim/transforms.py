@@ -24,7 +24,15 @@ import optree
 import torch
 from torch import Tensor
 
-from mstudio.optim.schedules import Schedule
+__all__ = [
+    "GradientTransformation",
+    "PyTree",
+    "apply_updates",
+    "chain",
+    "clip_by_global_norm",
+    "global_norm",
+    "identity",
+]
 
 PyTree = Any
 
@@ -36,13 +44,13 @@ class GradientTransformation(NamedTuple):
         init: ``params -> state`` (a pytree of tensors).
         update: ``(grads, state, params) -> (updates, new_state)``; ``grads`` has ``params``' structure with
             ``None`` leaves for parameters that get no gradient.
-        learning_rate: the ``step -> lr`` schedule this transformation applies, when it has one, so a train
-            step can report the learning rate in force.
+        learning_rate: ``state -> lr``, the learning rate (float64 0-d tensor) the next update applies, for
+            transformations that have one, so a train step can report it without knowing the optimizer.
     """
 
     init: Callable[[PyTree], PyTree]
     update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
-    learning_rate: Optional[Schedule] = None
+    learning_rate: Optional[Callable[[PyTree], Tensor]] = None
 
 
 def _flatten(tree: PyTree):
@@ -107,9 +115,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in order; the state is the tuple of their states."""
-    schedules = [t.learning_rate for t in transforms if t.learning_rate is not None]
-    if len(schedules) > 1:
-        raise ValueError("chain got more than one learning-rate schedule; combine them into one schedule")
+    with_lr = [i for i, t in enumerate(transforms) if t.learning_rate is not None]
+    if len(with_lr) > 1:
+        raise ValueError("chain got more than one transformation with a learning rate; chain one optimizer")
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -121,7 +129,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_states.append(sub_state)
         return grads, tuple(new_states)
 
-    return GradientTransformation(init, update, learning_rate=schedules[0] if schedules else None)
+    learning_rate = None
+    if with_lr:
+        index = with_lr[0]
+        learning_rate = lambda state: transforms[index].learning_rate(state[index])  # noqa: E731
+    return GradientTransformation(init, update, learning_rate=learning_rate)
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

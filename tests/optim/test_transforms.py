@@ -28,10 +28,11 @@ def test_chain_threads_states_and_exposes_the_learning_rate():
     tx = optim.chain(optim.identity(), optim.adamw(0.5, warmup_steps=2))
     params = {"w": torch.ones(2)}
     state = tx.init(params)
-    assert tx.learning_rate(torch.tensor(0)).item() == 0.25
+    assert tx.learning_rate(state).item() == 0.25
     _, state = tx.update({"w": torch.ones(2)}, state, params)
-    assert state[1][1].count.item() == 1
-    with pytest.raises(ValueError, match="more than one learning-rate"):
+    assert state[1].count.item() == 1
+    assert tx.learning_rate(state).item() == 0.5
+    with pytest.raises(ValueError, match="more than one transformation with a learning rate"):
         optim.chain(optim.adamw(0.1), optim.adamw(0.1))
 
 

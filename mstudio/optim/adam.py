@@ -1,0 +1,71 @@
+"""Adam's moment estimates and the direction they give (Kingma & Ba, 2015), in ``torch.optim.Adam``'s order."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from mstudio.optim.transforms import GradientTransformation, _device_of, _leaves_matching, _rebuild, _with_grad
+
+__all__ = ["ScaleByAdamState", "scale_by_adam"]
+
+
+class ScaleByAdamState(NamedTuple):
+    count: Tensor  # long 0-d: updates done so far
+    mu: Any  # first moments (exp_avg), params' structure
+    nu: Any  # second moments (exp_avg_sq), params' structure
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Replace gradients by Adam's bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``.
+
+    For the ``c``-th update (``c = 1, 2, ...``), with torch's operation order::
+
+        m = lerp(m, g, 1 - b1);   v = b2 * v + (1 - b2) * g * g
+        direction = (m / (1 - b1^c)) / (sqrt(v) / sqrt(1 - b2^c) + eps)
+
+    Bias corrections are float64 0-d tensors (torch computes them in Python floats); no host sync.
+    Parameters without a gradient (``None``) keep their moments untouched and get a ``None`` update.
+
+    Args:
+        b1: decay of the first moment, in [0, 1).
+        b2: decay of the second moment, in [0, 1).
+        eps: added to the denominator, >= 0.
+    """
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"scale_by_adam: b1 and b2 must be in [0, 1), got b1={b1}, b2={b2}")
+    if not eps >= 0:
+        raise ValueError(f"scale_by_adam: eps must be >= 0, got {eps}")
+
+    def init(params):
+        zeros = lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+        count = torch.zeros((), dtype=torch.int64, device=_device_of(params))
+        return ScaleByAdamState(count, optree.tree_map(zeros, params), optree.tree_map(zeros, params))
+
+    def update(grads, state, params=None):
+        present, g, leaves, treedef = _with_grad(grads)
+        mu = _leaves_matching(state.mu, treedef, "Adam's first moments")
+        nu = _leaves_matching(state.nu, treedef, "Adam's second moments")
+        count = state.count + 1
+        if not g:
+            return grads, ScaleByAdamState(count, state.mu, state.nu)
+        c = count.to(torch.float64)
+        bias_correction1 = 1 - b1**c
+        bias_correction2_sqrt = torch.sqrt(1 - b2**c)
+        m = torch._foreach_lerp([mu[i] for i in present], g, 1 - b1)
+        v = torch._foreach_mul([nu[i] for i in present], b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+        # Fresh tensors are updated in place: on CPU an out-of-place foreach op costs several times an
+        # in-place one (allocation), and none of them is visible outside this function yet.
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        direction = torch._foreach_div(m, bias_correction1)
+        torch._foreach_div_(direction, denom)
+        new_state = ScaleByAdamState(count, _rebuild(treedef, mu, present, m), _rebuild(treedef, nu, present, v))
+        return _rebuild(treedef, leaves, present, direction), new_state
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,104 @@
+"""Hyper-parameters as state (optax's ``inject_hyperparams``): change them mid-run without a recompile.
+
+A number closed over when an optimizer is built is a constant of the compiled graph: trying another learning
+rate means a new optimizer and a new compile. :func:`inject_hyperparams` keeps such numbers as float64 0-d
+tensors in the optimizer state instead, where the compiled step reads them as data, and
+:func:`set_hyperparams` returns a state with new values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from mstudio.optim.transforms import GradientTransformation, PyTree, _device_of
+
+__all__ = ["InjectHyperparamsState", "find_hyperparams", "inject_hyperparams", "set_hyperparams"]
+
+
+class InjectHyperparamsState(NamedTuple):
+    count: Tensor  # long 0-d: updates done so far (what schedules are evaluated at)
+    hyperparams: dict[str, Tensor]  # the settable values, float64 0-d tensors
+    inner_state: Any
+
+
+def inject_hyperparams(
+    factory: Callable[..., GradientTransformation],
+    *,
+    learning_rate: Callable[[Mapping[str, Tensor]], Tensor] | None = None,
+) -> Callable[..., GradientTransformation]:
+    """Wrap ``factory(**hyperparams) -> GradientTransformation`` so its numeric arguments live in the state.
+
+    The returned builder takes the factory's keyword arguments. A number becomes a settable float64 0-d tensor
+    of the state; a callable is a schedule ``count -> value`` evaluated at every update (not settable). The
+    factory is called again at every update with the current values, so it must be cheap and pure.
+
+    Args:
+        factory: builds the transformation from its hyper-parameter values.
+        learning_rate: ``values -> lr``: how to read the learning rate in force from the values the factory
+            receives, so :attr:`GradientTransformation.learning_rate` can report it.
+    """
+
+    def build(**hyperparams: float | Callable[[Tensor], Tensor]) -> GradientTransformation:
+        schedules = {name: value for name, value in hyperparams.items() if callable(value)}
+        numbers = {name: value for name, value in hyperparams.items() if not callable(value)}
+        for name, value in numbers.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"hyper-parameter {name} must be a number or a schedule, got {value!r}")
+
+        def values(state: InjectHyperparamsState) -> dict[str, Tensor]:
+            return {**state.hyperparams, **{name: s(state.count) for name, s in schedules.items()}}
+
+        def init(params: PyTree) -> InjectHyperparamsState:
+            device = _device_of(params)
+            stored = {name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in numbers.items()}
+            count = torch.zeros((), dtype=torch.int64, device=device)
+            inner = factory(**values(InjectHyperparamsState(count, stored, None)))
+            return InjectHyperparamsState(count, stored, inner.init(params))
+
+        def update(grads, state: InjectHyperparamsState, params=None):
+            updates, inner_state = factory(**values(state)).update(grads, state.inner_state, params)
+            return updates, InjectHyperparamsState(state.count + 1, state.hyperparams, inner_state)
+
+        report = None if learning_rate is None else (lambda state: learning_rate(values(state)))
+        return GradientTransformation(init, update, learning_rate=report)
+
+    return build
+
+
+def _is_inject_state(node: Any) -> bool:
+    return isinstance(node, InjectHyperparamsState)
+
+
+def find_hyperparams(opt_state: PyTree) -> dict[str, Tensor]:
+    """The settable hyper-parameters anywhere in ``opt_state`` (name -> float64 0-d tensor)."""
+    found: dict[str, Tensor] = {}
+    for node in optree.tree_leaves(opt_state, is_leaf=_is_inject_state, none_is_leaf=True):
+        if _is_inject_state(node):
+            found.update(node.hyperparams)
+    return found
+
+
+def set_hyperparams(opt_state: PyTree, **values: float) -> PyTree:
+    """``opt_state`` with the named settable hyper-parameters replaced (same dtype and device: no recompile).
+
+    Raises:
+        KeyError: a name that no :func:`inject_hyperparams` state holds, listing the names there are.
+    """
+    known = find_hyperparams(opt_state)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise KeyError(f"no settable hyper-parameter(s) {unknown} in the optimizer state; it has {sorted(known)}")
+
+    def replace(node: Any) -> Any:
+        if not _is_inject_state(node):
+            return node
+        hyperparams = {
+            name: torch.full_like(t, float(values[name])) if name in values else t for name, t in node.hyperparams.items()
+        }
+        return node._replace(hyperparams=hyperparams)
+
+    return optree.tree_map(replace, opt_state, is_leaf=_is_inject_state, none_is_leaf=True)
