@@ -15,6 +15,7 @@ _ATTRIBUTES = {
     "TrainState": "mstudio.train",
     "init_state": "mstudio.train",
     "make_train_step": "mstudio.train",
+    "set_hyperparams": "mstudio.train",
 }
 _SUBMODULES = ("actions", "bridge", "data", "distributions", "models", "optim", "policy", "train")
 

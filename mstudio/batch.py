@@ -5,8 +5,10 @@
     timestamp     long (B, T): frame index inside the episode (the memory carry reads it)
     mask          optional (B, T), uint8 / bool / float: 0 on padding past an episode's end
 
-Other keys (``episode``, ``env_action``, ...) pass through unchecked. Checks run in Python before a step,
-never inside it, and every error names the key, what was expected and what came.
+Other keys (``env_action``, ...) pass through unchecked. Checks run in Python before a step, never inside it,
+and every error names the key, what was expected and what came. :func:`normalize_batch` gives every batch of
+a run one structure: optional keys are filled in (a missing ``mask`` is all ones, as MineStudio's callbacks
+read it) and entries that are not tensors (episode ids as strings, text) are dropped before the step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from torch import Tensor
 
 from mstudio.policy import N_BUTTONS, N_CAMERA
+
+__all__ = ["ACTION_CLASSES", "check_batch", "normalize_batch"]
 
 ACTION_CLASSES = {"buttons": N_BUTTONS, "camera": N_CAMERA}
 
@@ -90,3 +94,27 @@ def check_batch(batch: Mapping[str, Any], *, batch_size: int | None = None, chec
                         f"({head} has {classes} classes)"
                     )
     return B, T
+
+
+def _is_tensor_tree(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    return isinstance(value, Mapping) and bool(value) and all(_is_tensor_tree(v) for v in value.values())
+
+
+def normalize_batch(batch: Mapping[str, Any], *, mask_dtype: torch.dtype = torch.uint8) -> dict[str, Any]:
+    """``batch`` with one structure for the whole run, ready for the step (the input is not modified).
+
+    - ``mask`` missing: filled with ones ``(B, T)`` of ``mask_dtype`` (the train step passes the dtype of
+      the run's first mask) on ``timestamp``'s device, which is what every objective reads for a missing
+      mask, so an optional mask appearing or disappearing mid-run changes nothing and recompiles nothing.
+    - entries that are not tensors or dicts of tensors (a list of episode ids, text) are dropped: a compiled
+      step takes tensors only, and objectives read none of them.
+
+    Call after :func:`check_batch` (it reads ``timestamp``).
+    """
+    out = {key: value for key, value in batch.items() if _is_tensor_tree(value)}
+    if "mask" not in out:
+        timestamp = batch["timestamp"]
+        out["mask"] = torch.ones(timestamp.shape, dtype=mask_dtype, device=timestamp.device)
+    return out

@@ -7,7 +7,7 @@ import torch
 
 import losses
 import mstudio
-from mstudio.batch import check_batch
+from mstudio.batch import check_batch, normalize_batch
 from mstudio.data.synthetic import random_batch
 from tests.support.policies import CountingPolicy
 
@@ -67,11 +67,25 @@ def test_reserved_and_changing_keys():
     step = mstudio.make_train_step(policy, losses.behavior_clone, optimizer, compile=False)
     with pytest.raises(ValueError, match="'step' is reserved"):
         step(state, {**random_batch(2, 4, 8), "step": torch.tensor(0)})
+    with pytest.raises(ValueError, match="'hyperparams' is reserved"):
+        step(state, {**random_batch(2, 4, 8), "hyperparams": {}})
     state, _ = step(state, random_batch(2, 4, 8))
     batch = random_batch(2, 4, 8, start=4)
-    del batch["mask"]
-    with pytest.raises(ValueError, match=r"missing \['mask'\]"):
+    batch["env_reward"] = torch.zeros(2, 4)  # a tensor key the first batch did not have
+    with pytest.raises(ValueError, match=r"new \['env_reward'\]"):
         step(state, batch)
+
+
+def test_normalize_batch_fills_the_mask_and_drops_non_tensors():
+    batch = random_batch(2, 3, 8)
+    del batch["mask"]
+    batch["episode"] = ["a", "b"]
+    out = normalize_batch(batch)
+    assert "episode" not in out and "mask" not in batch and batch["episode"] == ["a", "b"]  # input untouched
+    assert out["mask"].dtype == torch.uint8 and out["mask"].shape == (2, 3) and bool(out["mask"].all())
+    assert out["agent_action"] is batch["agent_action"]
+    given = torch.zeros(2, 3, dtype=torch.bool)
+    assert normalize_batch({**batch, "mask": given})["mask"] is given
 
 
 def test_check_batch_returns_sizes_and_accepts_any_mask_dtype():

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
 from torch import Tensor, nn
 
+import losses
 from mstudio.bridge import functionalize
-from mstudio.optim import GradientTransformation
+from mstudio.optim import GradientTransformation, find_hyperparams
+from mstudio.optim import set_hyperparams as set_optimizer_hyperparams
 from mstudio.policy import check_policy
+
+__all__ = ["TrainState", "check_memory", "init_state", "set_hyperparams"]
 
 
 class TrainState(NamedTuple):
@@ -19,12 +23,15 @@ class TrainState(NamedTuple):
     Attributes:
         params: trainable parameters, ``state_dict`` name -> tensor.
         buffers: buffers and frozen parameters, name -> tensor (never updated by the step).
-        opt_state: the optimizer's state (for :func:`mstudio.optim.adamw`: clipping's ``()`` and
-            ``AdamWState(count, mu, nu)``).
+        opt_state: the optimizer's state (for :func:`mstudio.optim.adamw`, an ``InjectHyperparamsState``
+            holding ``learning_rate`` and ``weight_decay`` and the states of its blocks).
         memory: the recurrent memory carried into the next batch, batch on dim 0 of every leaf.
         init_memory: ``policy.initial_state(B)``, what rows restart from at an episode boundary.
         last_timestamp: long ``(B,)``, each row's last timestamp so far (zeros at the start).
-        step: long scalar, the number of updates done.
+        step: long 0-d, the number of batches the step has processed (updates applied plus skipped).
+        hyperparams: the objective's hyper-parameters (:class:`losses.Hyperparam`), name -> float64 0-d.
+        ema: an exponential moving average of ``params`` (same structure), or ``None`` when not kept.
+        skipped_updates: long 0-d, how many updates the non-finite guard skipped so far.
     """
 
     params: dict[str, Tensor]
@@ -34,6 +41,9 @@ class TrainState(NamedTuple):
     init_memory: Any
     last_timestamp: Tensor
     step: Tensor
+    hyperparams: dict[str, Tensor]
+    ema: dict[str, Tensor] | None
+    skipped_updates: Tensor
 
     @property
     def batch_size(self) -> int:
@@ -51,11 +61,26 @@ def check_memory(memory: Any, batch_size: int, what: str) -> None:
             )
 
 
-def init_state(policy: nn.Module, optimizer: GradientTransformation, batch_size: int) -> TrainState:
+def init_state(
+    policy: nn.Module,
+    optimizer: GradientTransformation,
+    batch_size: int,
+    *,
+    objective: Callable | None = None,
+    ema: bool = False,
+) -> TrainState:
     """A fresh :class:`TrainState` for training ``policy`` with ``optimizer`` on batches of ``batch_size`` rows.
 
     Copies the policy's tensors, so training never changes the module (load the result back with
     ``policy.load_state_dict({**state.params, **state.buffers})``).
+
+    Args:
+        policy: the policy module.
+        optimizer: e.g. :func:`mstudio.optim.adamw`.
+        batch_size: rows per batch (the memory has one row per batch row).
+        objective: the objective to train; the state then holds the defaults of the hyper-parameters it reads
+            (:func:`losses.hyperparams_of`). Needed only for objectives weighted by a :class:`losses.Hyperparam`.
+        ema: keep an exponential moving average of the parameters (``make_train_step(..., ema_decay=...)``).
     """
     check_policy(policy)
     if not (isinstance(batch_size, int) and batch_size > 0):
@@ -66,6 +91,8 @@ def init_state(policy: nn.Module, optimizer: GradientTransformation, batch_size:
     init_memory = policy.initial_state(batch_size)
     check_memory(init_memory, batch_size, f"{type(policy).__name__}.initial_state({batch_size})")
     device = next(iter(params.values())).device if params else torch.device("cpu")
+    defaults = losses.hyperparams_of(objective) if objective is not None else {}
+    counter = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
     return TrainState(
         params=params,
         buffers=buffers,
@@ -73,5 +100,31 @@ def init_state(policy: nn.Module, optimizer: GradientTransformation, batch_size:
         memory=optree.tree_map(torch.clone, init_memory),
         init_memory=init_memory,
         last_timestamp=torch.zeros(batch_size, dtype=torch.int64, device=device),
-        step=torch.zeros((), dtype=torch.int64, device=device),
+        step=counter(),
+        hyperparams={name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in defaults.items()},
+        ema={name: p.clone() for name, p in params.items()} if ema else None,
+        skipped_updates=counter(),
     )
+
+
+def set_hyperparams(state: TrainState, **values: float) -> TrainState:
+    """``state`` with new values for named hyper-parameters: the objective's (``state.hyperparams``) or the
+    optimizer's (``learning_rate``, ``weight_decay`` of :func:`mstudio.optim.adamw`).
+
+    The new values are tensors of the same dtype and device, so a compiled step runs on without recompiling.
+
+    Raises:
+        KeyError: an unknown name, listing the names the state has.
+    """
+    objective_values = {name: v for name, v in values.items() if name in state.hyperparams}
+    optimizer_values = {name: v for name, v in values.items() if name not in state.hyperparams}
+    unknown = sorted(set(optimizer_values) - set(find_hyperparams(state.opt_state)))
+    if unknown:
+        known = sorted([*state.hyperparams, *find_hyperparams(state.opt_state)])
+        raise KeyError(f"no hyper-parameter(s) {unknown} in the train state; it has {known}")
+    hyperparams = {
+        name: torch.full_like(t, float(objective_values[name])) if name in objective_values else t
+        for name, t in state.hyperparams.items()
+    }
+    opt_state = set_optimizer_hyperparams(state.opt_state, **optimizer_values) if optimizer_values else state.opt_state
+    return state._replace(hyperparams=hyperparams, opt_state=opt_state)

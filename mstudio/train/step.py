@@ -3,7 +3,8 @@
 ``make_train_step(policy, objective, optimizer)`` returns ``step(state, batch) -> (state, metrics)``. The
 function it runs is pure (it returns a new :class:`TrainState` and never writes to ``state``, ``batch`` or
 the policy), branch-free on tensor values, and free of host syncs, so ``torch.compile(fullgraph=True)``
-turns it into one graph that stays compiled across episode resets, the warmup and the whole run.
+turns it into one graph that stays compiled across episode resets, the warmup, hyper-parameter changes and
+the whole run.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from losses.combinators import STEP_KEY
-from mstudio.batch import check_batch
+from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective, check_output, objective_name
+from mstudio.batch import check_batch, normalize_batch
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.optim import GradientTransformation, apply_updates, global_norm
 from mstudio.policy import check_policy
 from mstudio.train.memory import carry_memory, episode_starts
 from mstudio.train.state import TrainState
 
-Objective = Callable[[Mapping[str, Any], Mapping[str, Any], Mapping[str, Tensor]], dict[str, Tensor]]
+__all__ = ["TrainStep", "make_train_step", "train_step_function", "value_and_grad_autograd", "value_and_grad_func"]
+
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, Any]]
+StepFn = Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, Tensor]]]
 
 
 def value_and_grad_func(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Any]:
@@ -51,24 +54,43 @@ def value_and_grad_autograd(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple
     return dict(zip(leaves, grads)), loss.detach(), detach_tree(aux)
 
 
-def build_train_step(
+def _keep_if(ok: Tensor, new: Any, old: Any) -> Any:
+    """Leaf by leaf ``new`` where ``ok`` (a bool 0-d tensor) else ``old``; ``None`` leaves stay ``None``."""
+    return optree.tree_map(lambda n, o: torch.where(ok, n, o), new, old, none_is_leaf=False)
+
+
+def _ema(ema: dict[str, Tensor] | None, params: dict[str, Tensor], decay: float | None) -> dict[str, Tensor] | None:
+    """``ema + (1 - decay) * (params - ema)`` per parameter (``torch.lerp``), or ``ema`` when not kept."""
+    if ema is None or decay is None:
+        return ema
+    names = list(ema)
+    return dict(zip(names, torch._foreach_lerp([ema[n] for n in names], [params[n] for n in names], 1 - decay)))
+
+
+def train_step_function(
     apply_fn: Callable,
     objective: Objective,
     optimizer: GradientTransformation,
     reached: frozenset[str],
     value_and_grad: Callable = value_and_grad_func,
+    *,
     autocast_dtype: torch.dtype | None = None,
-) -> Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, Tensor]]]:
+    ema_decay: float | None = None,
+    skip_nonfinite: bool = True,
+) -> StepFn:
     """The pure step function for parameters ``reached`` by the objective (the others get no update).
 
     Args:
         apply_fn: from :func:`mstudio.functionalize`.
         objective: ``(batch, latents, params) -> {"loss", **metrics}``; it sees the batch plus
-            ``batch["step"]`` (long scalar, updates done so far).
+            ``batch["step"]`` and ``batch["hyperparams"]`` (see :mod:`losses.api`).
         optimizer: a :class:`~mstudio.optim.GradientTransformation`.
         reached: names of the parameters the objective's loss depends on.
         value_and_grad: :func:`value_and_grad_func` (traceable) or :func:`value_and_grad_autograd` (eager).
         autocast_dtype: run forward and objective under ``torch.autocast`` in this dtype (``None``: off).
+        ema_decay: update ``state.ema`` with this decay after every applied update (``None``: leave it).
+        skip_nonfinite: when the loss or any gradient is not finite, keep the parameters, optimizer state
+            and EMA as they were (``torch.where``: no host sync) and count it in ``skipped_updates``.
     """
 
     def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
@@ -79,7 +101,7 @@ def build_train_step(
             else contextlib.nullcontext
         )
         memory = carry_memory(state.memory, state.init_memory, episode_starts(timestamp, state.last_timestamp))
-        objective_batch = {**batch, STEP_KEY: state.step}
+        objective_batch = {**batch, STEP_KEY: state.step, HYPERPARAMS_KEY: state.hyperparams}
         trainable = {name: p for name, p in state.params.items() if name in reached}
         untouched = {name: p for name, p in state.params.items() if name not in reached}
 
@@ -90,47 +112,40 @@ def build_train_step(
                 out = objective(objective_batch, latents, params)
             return out["loss"], (out, state_out)
 
-        grads, _, (out, state_out) = value_and_grad(loss_fn, trainable)
+        grads, loss, (out, state_out) = value_and_grad(loss_fn, trainable)
         # None marks "no gradient": the optimizer leaves those parameters and their moments alone.
         grads = {name: grads.get(name) for name in state.params}
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        grad_norm = global_norm(grads)
         metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
-        metrics["grad_norm"] = global_norm(grads)
         if optimizer.learning_rate is not None:
-            metrics["lr"] = optimizer.learning_rate(state.step).to(torch.float32)
-        new_state = TrainState(
-            params=apply_updates(state.params, updates),
-            buffers=state.buffers,
+            metrics["lr"] = optimizer.learning_rate(state.opt_state).to(torch.float32)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+        ema = _ema(state.ema, params, ema_decay)
+        # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
+        # guards on input strides and a strided view here would recompile it on the second call.
+        carried = optree.tree_map(lambda t: t.detach().contiguous(), state_out)
+        skipped = state.skipped_updates
+        if skip_nonfinite:
+            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+            params, opt_state = _keep_if(ok, params, state.params), _keep_if(ok, opt_state, state.opt_state)
+            ema = _keep_if(ok, ema, state.ema)
+            carried = _keep_if(ok, carried, state.init_memory)  # a skipped batch restarts every row's memory
+            skipped = skipped + (~ok).to(skipped.dtype)
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped_updates"] = skipped
+        new_state = state._replace(
+            params=params,
             opt_state=opt_state,
-            # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
-            # guards on input strides and a strided view here would recompile it on the second call.
-            memory=optree.tree_map(lambda t: t.detach().contiguous(), state_out),
-            init_memory=state.init_memory,
+            memory=carried,
             last_timestamp=timestamp[:, -1].contiguous(),
             step=state.step + 1,
+            ema=ema,
+            skipped_updates=skipped,
         )
         return new_state, metrics
 
     return train_step
-
-
-def reached_parameters(loss: Tensor, params: Mapping[str, Tensor]) -> frozenset[str]:
-    """Names of the ``params`` (leaves requiring grad) that ``loss``'s autograd graph reaches.
-
-    Walks the graph from ``loss.grad_fn`` to its ``AccumulateGrad`` nodes, without running a backward.
-    """
-    names = {id(p): name for name, p in params.items()}
-    found, seen, stack = set(), set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) in names:
-            found.add(names[id(variable)])
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return frozenset(found)
 
 
 class TrainStep:
@@ -139,72 +154,83 @@ class TrainStep:
     The first call probes the objective once, eagerly, to learn which parameters its loss reaches
     (``torch.func`` returns zero gradients, not ``None``, for the others, yet ``torch.optim.AdamW`` and thus
     MineStudio leave them untouched: no decay, no moment update), checks that the policy's forward is
-    stateless, then builds (and compiles) the step. Every call validates the batch first.
+    stateless, then builds (and compiles) the step. Every call validates and normalizes the batch first.
 
     Attributes:
         reached: names of the parameters that get gradients (set by the first call).
     """
 
-    def __init__(self, policy, objective, optimizer, *, compile, validate, autocast_dtype):
+    def __init__(self, policy: nn.Module, objective: Objective, optimizer: GradientTransformation, *,
+                 compile: bool, validate: bool, autocast_dtype: torch.dtype | None, ema_decay: float | None,
+                 skip_nonfinite: bool):
         self.policy, self.objective, self.optimizer = policy, objective, optimizer
-        self.compile, self.validate, self.autocast_dtype = compile, validate, autocast_dtype
+        self.compile, self.validate = compile, validate
+        self._options = dict(autocast_dtype=autocast_dtype, ema_decay=ema_decay, skip_nonfinite=skip_nonfinite)
         self.apply_fn, _, _ = functionalize(policy)
         self.reached: frozenset[str] | None = None
-        self._step_fn = None
+        self._step_fn: StepFn | None = None
         self._batch_keys: frozenset[str] | None = None
+        self._mask_dtype: torch.dtype | None = None
         self._cuda_graphs = False
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
-        if STEP_KEY in batch:
-            raise ValueError(f"batch key {STEP_KEY!r} is reserved: the step hands its step counter to objectives there")
+        for reserved in (STEP_KEY, HYPERPARAMS_KEY):
+            if reserved in batch:
+                raise ValueError(f"batch key {reserved!r} is reserved: the step hands objectives its own there "
+                                 "(see losses.api)")
         check_batch(batch, batch_size=state.batch_size, check_values=self.validate)
+        if self._mask_dtype is None and "mask" in batch:
+            self._mask_dtype = batch["mask"].dtype  # a mask filled in later takes the run's dtype: no recompile
+        batch = normalize_batch(batch, mask_dtype=self._mask_dtype or torch.uint8)
         if self._step_fn is None:
             self._build(state, batch)
         elif frozenset(batch) != self._batch_keys:
             raise ValueError(
                 f"batch keys changed since the first batch: missing {sorted(self._batch_keys - set(batch))}, "
-                f"new {sorted(set(batch) - self._batch_keys)}; every batch of a run must have the same keys"
+                f"new {sorted(set(batch) - self._batch_keys)}; every batch of a run must have the same tensor keys"
             )
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         return self._step_fn(state, batch)
 
     def _build(self, state: TrainState, batch: Mapping[str, Any]) -> None:
+        if (state.ema is None) != (self._options["ema_decay"] is None):
+            raise ValueError(
+                "make_train_step(ema_decay=...) and init_state(..., ema=True) go together: "
+                f"ema_decay={self._options['ema_decay']}, state.ema is {'absent' if state.ema is None else 'kept'}"
+            )
         self.reached = self._probe(state, batch)
         self._batch_keys = frozenset(batch)
+        traceable = value_and_grad_func if self.compile else value_and_grad_autograd
+        step_fn = train_step_function(self.apply_fn, self.objective, self.optimizer, self.reached, traceable,
+                                      **self._options)
         if not self.compile:
-            self._step_fn = build_train_step(
-                self.apply_fn, self.objective, self.optimizer, self.reached, value_and_grad_autograd, self.autocast_dtype
-            )
+            self._step_fn = step_fn
             return
-        step_fn = build_train_step(
-            self.apply_fn, self.objective, self.optimizer, self.reached, value_and_grad_func, self.autocast_dtype
-        )
         self._cuda_graphs = state.step.device.type == "cuda"
         # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
         mode = "reduce-overhead" if self._cuda_graphs else None
         self._step_fn = torch.compile(step_fn, fullgraph=True, mode=mode)
 
     def _probe(self, state: TrainState, batch: Mapping[str, Any]) -> frozenset[str]:
+        """Run forward and objective once with autograd and return the names of the parameters the loss reaches."""
         params = {name: p.detach().requires_grad_() for name, p in state.params.items()}
 
         def run():
             with torch.enable_grad():
                 latents, state_out = self.apply_fn(params, state.buffers, batch, state.memory)
-                out = self.objective({**batch, STEP_KEY: state.step}, latents, params)
+                objective_batch = {**batch, STEP_KEY: state.step, HYPERPARAMS_KEY: state.hyperparams}
+                out = self.objective(objective_batch, latents, params)
             return out, state_out
 
         out, state_out = check_stateless_forward(self.policy, state.buffers, run)
-        name = getattr(self.objective, "__name__", repr(self.objective))
-        if not isinstance(out, Mapping) or "loss" not in out:
-            raise ValueError(f"objective {name} must return a dict with a 'loss' entry, got {type(out).__name__}")
-        loss = out["loss"]
-        if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point()):
-            raise ValueError(f"objective {name} must return a float scalar 'loss', got {loss!r:.120}")
+        loss = check_output(out, self.objective)["loss"]
         if not loss.requires_grad:
-            raise ValueError(f"the loss of objective {name} depends on no trainable parameter")
+            raise ValueError(f"the loss of objective {objective_name(self.objective)} depends on no trainable parameter")
         _check_same_memory(state.memory, state_out)
-        return reached_parameters(loss, params)
+        names = list(params)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        return frozenset(name for name, grad in zip(names, grads) if grad is not None)
 
 
 def _check_same_memory(memory: Any, state_out: Any) -> None:
@@ -225,6 +251,8 @@ def make_train_step(
     compile: bool = True,
     validate: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    ema_decay: float | None = None,
+    skip_nonfinite: bool = True,
 ) -> TrainStep:
     """Build ``step(state, batch) -> (new_state, metrics)`` for ``policy`` trained on ``objective``.
 
@@ -233,14 +261,16 @@ def make_train_step(
     1. memory carry (MineStudio's ``_make_memory``): rows whose ``timestamp[:, 0] != last_timestamp + 1``
        restart from ``init_memory``, the others continue from ``memory``;
     2. ``latents, state_out = policy(batch, memory)`` statelessly with ``state.params``;
-    3. ``out = objective(batch | {"step": state.step}, latents, params)``; gradients of ``out["loss"]``
+    3. ``out = objective(batch | {"step", "hyperparams"}, latents, params)``; gradients of ``out["loss"]``
        with respect to the parameters it reaches;
     4. optimizer update (clipping, AdamW, schedule); parameters without a gradient stay bit-identical;
+       with ``skip_nonfinite``, a non-finite loss or gradient leaves parameters and optimizer state as they
+       were; the EMA follows the parameters when kept;
     5. ``memory = state_out`` detached (truncated BPTT), ``last_timestamp = timestamp[:, -1]``, ``step + 1``.
 
     Args:
         policy: an ``nn.Module`` following :mod:`mstudio.policy`.
-        objective: ``(batch, latents, params) -> {"loss": scalar, **metrics}`` (see :mod:`losses`).
+        objective: ``(batch, latents, params) -> {"loss": scalar, **metrics}`` (see :mod:`losses.api`).
         optimizer: e.g. :func:`mstudio.optim.adamw`.
         compile: compile the whole step as one graph (``torch.compile(fullgraph=True)``; on CUDA with CUDA
             graphs). ``False`` runs the same step eagerly.
@@ -248,14 +278,21 @@ def make_train_step(
             and shapes are always checked.
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA for mixed precision; ``None`` (default) runs in the
             parameters' precision. (bf16 on CPU is two orders of magnitude slower than float32.)
+        ema_decay: keep ``state.ema`` (make the state with ``init_state(..., ema=True)``) as
+            ``ema <- ema + (1 - ema_decay) * (params - ema)`` after every update; ``None``: no EMA.
+        skip_nonfinite: the non-finite guard above (default on).
 
     Returns:
         A :class:`TrainStep`; ``metrics`` holds the objective's outputs plus ``grad_norm`` (global norm before
-        clipping) and ``lr``, all as detached tensors.
+        clipping), ``lr`` (the learning rate this update applied) and ``skipped_updates`` (so far), all as
+        detached tensors.
     """
     check_policy(policy)
     if not callable(objective):
         raise TypeError(f"objective must be callable (batch, latents, params) -> dict, got {type(objective).__name__}")
     if not isinstance(optimizer, GradientTransformation):
         raise TypeError(f"optimizer must be a mstudio.optim.GradientTransformation, got {type(optimizer).__name__}")
-    return TrainStep(policy, objective, optimizer, compile=compile, validate=validate, autocast_dtype=autocast_dtype)
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    return TrainStep(policy, objective, optimizer, compile=compile, validate=validate, autocast_dtype=autocast_dtype,
+                     ema_decay=ema_decay, skip_nonfinite=skip_nonfinite)
