@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mstudio.data import EpisodeStore, fill_store, make_loader
+from mstudio.data import EpisodeContinuous, EpisodeStore, RandomWindows, fill_store, make_loader
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -44,7 +44,8 @@ def main() -> None:
             fill_store(store, episodes=64, frames=512, seed=0)
             for continuous in (False, True):
                 for workers in (0, 2):
-                    loader = make_loader(store, batch_size=8, window=32, continuous=continuous, num_workers=workers)
+                    sampler = EpisodeContinuous(8) if continuous else RandomWindows(8)
+                    loader = make_loader(store, 32, sampler, num_workers=workers)
                     fps = statistics.median(frames_per_second(loader, args.batches) for _ in range(args.repeats))
                     rows.append({"image": size, "continuous": continuous, "workers": workers, "frames_per_s": fps})
                     print(rows[-1])

@@ -2,11 +2,23 @@
 
 from mstudio.data.contractor_import import import_vpt
 from mstudio.data.contractor_synth import synthesize_contractor
-from mstudio.data.loader import make_loader
-from mstudio.data.samplers import EpisodeContinuousBatchSampler
+from mstudio.data.loader import Loader, make_loader
+from mstudio.data.samplers import EpisodeContinuous, EpisodeContinuousBatchSampler, RandomWindows, Sampler
 from mstudio.data.store import EpisodeStore
 from mstudio.data.synthetic import fill_store, random_batch
 from mstudio.data.windows import WindowDataset
 
-__all__ = ["EpisodeContinuousBatchSampler", "EpisodeStore", "WindowDataset", "fill_store", "import_vpt", "make_loader", "random_batch",
-           "synthesize_contractor"]
+__all__ = [
+    "EpisodeContinuous",
+    "EpisodeContinuousBatchSampler",  # deprecated: EpisodeContinuous through make_loader
+    "EpisodeStore",
+    "Loader",
+    "RandomWindows",
+    "Sampler",
+    "WindowDataset",
+    "fill_store",
+    "import_vpt",
+    "make_loader",
+    "random_batch",
+    "synthesize_contractor",
+]

@@ -1,49 +1,183 @@
-"""DataLoaders over an :class:`EpisodeStore` that yield batches in ``design.md``'s layout."""
+"""The training loader: one epoch of batches per iteration, resumable at any batch.
+
+A :class:`Loader` asks its sampler for the current epoch's batch list, hands the batches out (through a
+``torch.utils.data.DataLoader``, so workers and pinned memory come from torch) and counts the batches its
+consumer has received. Since samplers are deterministic in (seed, epoch, rank), that count is the whole data
+position: :meth:`Loader.load_state_dict` slices the epoch's batch list and reads none of the skipped data.
+"""
 
 from __future__ import annotations
 
+import warnings
+from typing import Any, Iterator, Mapping
+
 import torch
 
-from mstudio.data.samplers import EpisodeContinuousBatchSampler
+from mstudio.data.samplers import EpisodeContinuous, RandomWindows, Sampler
 from mstudio.data.store import EpisodeStore
 from mstudio.data.windows import WindowDataset
 
+__all__ = ["Loader", "make_loader"]
 
-def make_loader(
-    store: EpisodeStore,
-    batch_size: int,
-    window: int,
-    *,
-    continuous: bool = False,
-    skip_frame: int = 1,
-    num_workers: int = 0,
-    seed: int = 0,
-    num_replicas: int | None = None,
-    rank: int | None = None,
-) -> torch.utils.data.DataLoader:
-    """Batches of ``window``-step windows: ``image`` uint8 ``(B, T, H, W, 3)``, ``agent_action`` long
-    ``(B, T, 1)`` each, ``timestamp`` long ``(B, T)``, ``mask`` uint8 ``(B, T)``, ``episode`` list of str.
+Batch = dict[str, Any]  # tensors, and the nested ``agent_action`` dict of tensors
+
+
+class _Plan:
+    """The batch list the DataLoader reads at each ``iter``: the Loader sets it before every iteration, so
+    one DataLoader (and its persistent workers) serves every epoch and every resume."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Loader:
+    """Batches of windows: each ``iter(loader)`` yields the rest of the current epoch, then moves to the next.
+
+    The loader starts at epoch 0, batch 0. Once the last batch of epoch ``e`` has been handed out it stands at
+    epoch ``e + 1``, batch 0, so ``for batch in loader`` runs one epoch per loop and reshuffles by itself. A
+    loop left early keeps its place: the next ``iter`` continues with the next batch. Batches prefetched by
+    workers but never handed out do not count. Iterate one loop at a time (they share the position).
+
+    Each batch: ``image`` uint8 ``(B, T, H, W, 3)``, ``agent_action = {"buttons": long (B, T, 1), "camera": long
+    (B, T, 1)}``, ``timestamp`` long ``(B, T)``, ``mask`` uint8 ``(B, T)`` (0 on padding past an episode's
+    end) and ``episode_index`` long ``(B,)``: row ``b``'s episode is ``loader.episodes[episode_index[b]]``.
 
     Args:
-        continuous: episode-continuous batches (:class:`EpisodeContinuousBatchSampler`; call its
-            ``set_epoch`` through ``loader.batch_sampler``) for memory training; otherwise random windows,
-            reshuffled each epoch, incomplete last batch dropped.
-        num_workers: worker processes; each maps the store's files itself.
-        seed: seeds the shuffling.
-        num_replicas, rank: for distributed training (continuous mode splits episodes across ranks).
+        dataset: the windows.
+        sampler: any :class:`~mstudio.data.samplers.Sampler` (:class:`RandomWindows`, :class:`EpisodeContinuous`
+            or your own).
+        num_workers: worker processes (persistent across epochs); each maps the store's files itself.
+        pin_memory: pin batches for fast copies to the GPU; default ``torch.cuda.is_available()``.
     """
+
+    def __init__(self, dataset: WindowDataset, sampler: Sampler, *, num_workers: int = 0,
+                 pin_memory: bool | None = None):
+        if not isinstance(sampler, Sampler):
+            raise TypeError(f"sampler must follow mstudio.data.Sampler (a batch_size attribute and a "
+                            f"batches(dataset, epoch) method), got {type(sampler).__name__}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.dataset, self.sampler = dataset, sampler
+        self._epoch, self._batch = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its batches): asked for once per epoch
+        self._plan = _Plan()
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self._plan, num_workers=num_workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            persistent_workers=num_workers > 0)
+
+    @property
+    def episodes(self) -> list[str]:
+        """Episode ids in dataset order; ``episode_index`` points into this list."""
+        return self.dataset.episodes
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    def __len__(self) -> int:
+        """Number of batches in the current epoch (all of them, including those already handed out)."""
+        return len(self._batches(self._epoch))
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.sampler.batches(self.dataset, epoch))
+        return self._cache[1]
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self._epoch, self._batch
+        batches = self._batches(epoch)
+        if not batches:  # an empty epoch would make `while True: for batch in loader` spin forever
+            raise ValueError(f"{type(self.sampler).__name__} gives no batches of {self.sampler.batch_size} for "
+                             f"epoch {epoch} of {len(self.dataset)} windows in {len(self.episodes)} episodes; "
+                             f"use a smaller batch_size or more episodes")
+        self._plan.batches = batches[start:]
+        for batch in self._loader:
+            # counted before the consumer gets it: a checkpoint taken after this batch resumes past it
+            self._batch += 1
+            if self._batch == len(batches):
+                self._epoch, self._batch = epoch + 1, 0
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next batch to hand out: ``{"epoch": int, "batch": int}`` (JSON-serialisable)."""
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`): the next batch is batch ``state["batch"]`` of epoch
+        ``state["epoch"]``, exactly the one an uninterrupted run would give, given the same sampler and data."""
+        if set(state) != {"epoch", "batch"} or not all(isinstance(v, int) and v >= 0 for v in state.values()):
+            raise ValueError(f"a loader state is {{'epoch': int >= 0, 'batch': int >= 0}}, got {dict(state)!r}")
+        epoch, batch = state["epoch"], state["batch"]
+        count = len(self._batches(epoch))
+        if batch > count:
+            raise ValueError(f"state batch {batch} is past the end of epoch {epoch}, which has {count} batches "
+                             f"here; was the state saved with another sampler, batch size, world size or store?")
+        self._epoch, self._batch = (epoch + 1, 0) if batch == count else (epoch, batch)
+
+
+def make_loader(store: EpisodeStore, window: int, sampler: Sampler | int | None = None, *, skip_frame: int = 1,
+                num_workers: int = 0, pin_memory: bool | None = None, **deprecated: Any) -> Loader:
+    """A :class:`Loader` of ``window``-step windows of every episode of ``store``, batched by ``sampler``.
+
+    Example::
+
+        loader = make_loader(store, 32, EpisodeContinuous(8, seed=0))   # memory training
+        for batch in loader:                                             # one epoch; the next loop reshuffles
+            ...
+        checkpoint["data"] = loader.state_dict()                         # later: loader.load_state_dict(...)
+
+    Args:
+        store: the episodes.
+        window: ``T``, steps per window.
+        sampler: a :class:`~mstudio.data.samplers.Sampler`: :class:`RandomWindows` (random windows),
+            :class:`EpisodeContinuous` (rows that continue their episode) or your own.
+        skip_frame: keep every ``skip_frame``-th frame (timestamps still count steps; see ``WindowDataset``).
+        num_workers: worker processes.
+        pin_memory: default ``torch.cuda.is_available()`` (uint8 frames go to the GPU 4x smaller than float).
+        **deprecated: the old call ``make_loader(store, batch_size, window, continuous=False, seed=0,
+            num_replicas=None, rank=None)`` still works (``batch_size`` positionally or by keyword) and warns
+            with the call to write instead.
+
+    Returns:
+        The loader; its batches are described in :class:`Loader`.
+    """
+    if sampler is None or isinstance(sampler, int) or deprecated:
+        window, sampler = _legacy_sampler(window, sampler, deprecated)
     dataset = WindowDataset(store, window, skip_frame=skip_frame)
-    common = dict(
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),  # uint8 frames go to the GPU as they are: 4x less than float
-        persistent_workers=num_workers > 0,
-    )
-    if continuous:
-        sampler = EpisodeContinuousBatchSampler(dataset, batch_size, num_replicas=num_replicas, rank=rank, seed=seed)
-        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **common)
-    if num_replicas not in (None, 1):
-        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank or 0, seed=seed, drop_last=True)
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **common)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       generator=generator, **common)
+    return Loader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
+
+
+_LEGACY = ("batch_size", "continuous", "seed", "num_replicas", "rank")
+
+
+def _legacy_sampler(window: int, sampler: int | None, options: dict[str, Any]) -> tuple[int, Sampler]:
+    """``(window, sampler)`` from the deprecated ``make_loader(store, batch_size, window, continuous=...)``."""
+    unknown = sorted(set(options) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"make_loader() got unexpected keyword arguments {unknown}")
+    if sampler is not None and not isinstance(sampler, int):
+        raise TypeError(f"make_loader() got a sampler and the deprecated {sorted(options)}; give those to the "
+                        f"sampler instead, e.g. EpisodeContinuous(batch_size, seed=...)")
+    options = dict(options)
+    if isinstance(sampler, int):  # the old positional order: (store, batch_size, window)
+        if "batch_size" in options:
+            raise TypeError("make_loader() got batch_size twice: positionally and by keyword")
+        options["batch_size"], window = window, sampler
+    if "batch_size" not in options:
+        raise TypeError("make_loader() needs a sampler: make_loader(store, window, RandomWindows(batch_size)) "
+                        "or make_loader(store, window, EpisodeContinuous(batch_size))")
+    batch_size = options.pop("batch_size")
+    kind = EpisodeContinuous if options.pop("continuous", False) else RandomWindows
+    arguments = "".join(f", {key}={value!r}" for key, value in options.items())
+    warnings.warn(f"make_loader(store, batch_size, window, continuous=..., seed=..., num_replicas=..., rank=...) is "
+                  f"deprecated: write make_loader(store, {window}, {kind.__name__}({batch_size}{arguments}))",
+                  DeprecationWarning, stacklevel=3)
+    return window, kind(batch_size, **options)

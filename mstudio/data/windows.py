@@ -11,6 +11,8 @@ import torch
 from mstudio.data.store import EpisodeStore
 from mstudio.policy import CAMERA_NULL
 
+__all__ = ["WindowDataset"]
+
 
 class WindowDataset(torch.utils.data.Dataset):
     """Non-overlapping windows of every episode, MineStudio's ``RawDataset`` items with its bugs fixed.
@@ -21,6 +23,11 @@ class WindowDataset(torch.utils.data.Dataset):
     episode continue (``timestamp[0] == previous timestamp[-1] + 1``) for any ``skip_frame``: the train step's
     memory carry then works with skipped frames too (MineStudio's frame-index timestamps jump by ``s`` and
     reset the memory every batch).
+
+    An item holds only tensors, so batches of them stay tensors through collation and ``pin_memory``:
+    ``image`` uint8 ``(T, H, W, 3)``, ``agent_action = {"buttons": long (T, 1), "camera": long (T, 1)}``,
+    ``timestamp`` long ``(T,)``, ``mask`` uint8 ``(T,)`` and ``episode_index`` long ``()``, the position of
+    the window's episode in :attr:`episodes` (``dataset.episodes[int(item["episode_index"])]`` is its id).
 
     Args:
         store: an :class:`EpisodeStore`.
@@ -46,7 +53,8 @@ class WindowDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
+        """Window ``index`` as a dict of tensors (layout in the class docstring)."""
         position, k = self.items[index]
         episode = self.episodes[position]
         T, s = self.window, self.skip_frame
@@ -67,5 +75,5 @@ class WindowDataset(torch.utils.data.Dataset):
             "agent_action": {"buttons": torch.from_numpy(buttons)[:, None], "camera": torch.from_numpy(camera)[:, None]},
             "timestamp": torch.arange(k * T, k * T + T, dtype=torch.int64),
             "mask": torch.from_numpy(mask),
-            "episode": episode,
+            "episode_index": torch.tensor(position, dtype=torch.int64),
         }

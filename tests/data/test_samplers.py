@@ -1,10 +1,12 @@
-"""Windows and the episode-continuous sampler: continuity, coverage, per-epoch shuffles, rank splits."""
+"""Windows and samplers: continuity, coverage, per-epoch shuffles, rank splits, process-group conflicts."""
 
-import numpy as np
+import socket
+
 import pytest
 import torch
 
-from mstudio.data import EpisodeContinuousBatchSampler, EpisodeStore, WindowDataset, fill_store, make_loader
+from mstudio.data import (EpisodeContinuous, EpisodeContinuousBatchSampler, EpisodeStore, RandomWindows, Sampler,
+                          WindowDataset, fill_store)
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +16,12 @@ def store(tmp_path_factory):
     return store
 
 
-def test_windows_pad_and_mask_past_the_end(store):
-    data = WindowDataset(store, window=8)
+@pytest.fixture(scope="module")
+def data(store):
+    return WindowDataset(store, window=8)
+
+
+def test_windows_pad_and_mask_past_the_end(store, data):
     episode = store.episode_ids[0]
     n = store.length(episode)
     last = data[data.windows_per_episode[0] - 1]
@@ -40,75 +46,150 @@ def test_skip_frame_timestamps_count_steps(store):
     assert torch.equal(second["image"][:n], torch.from_numpy(raw["frames"][12:24:3]))
 
 
-def rows_of(sampler, data):
+def test_items_name_their_episode_by_position(data):
+    for index in (0, data.first_item[3] + 1, len(data) - 1):
+        item = data[index]
+        assert item["episode_index"].dtype == torch.int64 and item["episode_index"].shape == ()
+        assert int(item["episode_index"]) == data.items[index][0]
+
+
+def reference_continuous(data, batch_size, order, num_replicas, rank):
+    """MineStudio's rule with its bugs fixed, written plainly (quadratic ``pop(0)``) as the oracle."""
+    def fill(episodes):
+        queue, rows, batches = iter(episodes), [[] for _ in range(batch_size)], []
+        while True:
+            for b in range(batch_size):
+                while not rows[b]:
+                    episode = next(queue, None)
+                    if episode is None:
+                        return batches
+                    first = data.first_item[episode]
+                    rows[b] = list(range(first, first + data.windows_per_episode[episode]))
+            batches.append([row.pop(0) for row in rows])
+
+    per_rank = [fill(order[r::num_replicas]) for r in range(num_replicas)]
+    return per_rank[rank][:min(len(b) for b in per_rank)]
+
+
+@pytest.mark.parametrize("batch_size, num_replicas", [(1, 1), (3, 1), (2, 3), (4, 2), (12, 1)])
+def test_episode_continuous_matches_the_reference_rule(data, batch_size, num_replicas):
+    for epoch in (0, 1):
+        order = torch.randperm(11, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        for rank in range(num_replicas):
+            sampler = EpisodeContinuous(batch_size, seed=7, num_replicas=num_replicas, rank=rank)
+            assert sampler.batches(data, epoch) == reference_continuous(data, batch_size, order, num_replicas, rank)
+
+
+def rows_of(batches, data):
     """For each batch row: the sequence of (episode, window number) it read."""
     rows = {}
-    for batch in sampler:
+    for batch in batches:
         for b, index in enumerate(batch):
             rows.setdefault(b, []).append(data.items[index])
     return rows
 
 
-def test_rows_continue_their_episode_until_it_ends(store):
-    data = WindowDataset(store, window=8)
-    sampler = EpisodeContinuousBatchSampler(data, batch_size=3, seed=4)
+def test_rows_continue_their_episode_until_it_ends(data):
+    sampler = EpisodeContinuous(batch_size=3, seed=4)
     started = []
-    for row in rows_of(sampler, data).values():
+    for row in rows_of(sampler.batches(data, 0), data).values():
         for (ep, k), (next_ep, next_k) in zip(row, row[1:]):
             if next_ep == ep:
                 assert next_k == k + 1
             else:  # the episode ended: the row moves to the first window of a new episode
                 assert k == data.windows_per_episode[ep] - 1 and next_k == 0
         started += [ep for ep, k in row if k == 0]
-    assert sorted(started) == list(range(11))  # every episode seen exactly once
-    assert len(sampler) == len(list(sampler))
+    assert sorted(started) == list(range(11))  # every episode started exactly once
 
 
-def test_each_epoch_reshuffles_reproducibly(store):
-    data = WindowDataset(store, window=8)
-    a = EpisodeContinuousBatchSampler(data, batch_size=2, seed=1)
-    b = EpisodeContinuousBatchSampler(data, batch_size=2, seed=1)
-    epoch0 = list(a)
-    assert epoch0 == list(b)
-    a.set_epoch(1)
-    assert list(a) != epoch0
-    b.set_epoch(1)
-    assert list(a) == list(b)
+@pytest.mark.parametrize("make", [lambda: EpisodeContinuous(2, seed=1), lambda: RandomWindows(2, seed=1)])
+def test_each_epoch_reshuffles_reproducibly(data, make):
+    a, b = make(), make()
+    assert a.batches(data, 0) == b.batches(data, 0)
+    assert a.batches(data, 1) != a.batches(data, 0)
+    assert a.batches(data, 1) == b.batches(data, 1)
 
 
-def test_ranks_are_disjoint_and_cover_and_stay_in_step(store):
-    data = WindowDataset(store, window=8)
-    samplers = [EpisodeContinuousBatchSampler(data, 2, num_replicas=3, rank=r, seed=2) for r in range(3)]
-    episodes = [{ep for row in rows_of(s, data).values() for ep, _ in row} for s in samplers]
+def test_episode_continuous_ranks_are_disjoint_and_cover_and_stay_in_step(data):
+    samplers = [EpisodeContinuous(2, num_replicas=3, rank=r, seed=2) for r in range(3)]
+    episodes = [{ep for row in rows_of(s.batches(data, 0), data).values() for ep, _ in row} for s in samplers]
     assert all(not (episodes[i] & episodes[j]) for i in range(3) for j in range(i + 1, 3))
-    assert len({len(s) for s in samplers}) == 1  # same number of batches on every rank
-    everything = [EpisodeContinuousBatchSampler(data, 1, num_replicas=3, rank=r, seed=2, shuffle=False) for r in range(3)]
-    assert sorted(i for s in everything for batch in s._per_rank()[s.rank] for i in batch) == list(range(len(data)))
-    with pytest.raises(ValueError, match="rank"):
-        EpisodeContinuousBatchSampler(data, 2, num_replicas=2, rank=2)
+    assert len({len(s.batches(data, 0)) for s in samplers}) == 1  # same number of batches on every rank
+    one_row = [EpisodeContinuous(1, num_replicas=3, rank=r, shuffle=False) for r in range(3)]
+    seen = sorted(i for s in one_row for batch in s.batches(data, 0) for i in batch)
+    # with one row a rank reads its episodes whole; the shortest rank bounds them all
+    assert len(seen) == len(set(seen)) == 3 * min(len(s.batches(data, 0)) for s in one_row)
 
 
-def test_loader_batches_and_workers_agree(store):
-    plain = list(make_loader(store, batch_size=3, window=8, continuous=True, seed=5))
-    workers = list(make_loader(store, batch_size=3, window=8, continuous=True, seed=5, num_workers=2))
-    assert len(plain) == len(workers) > 0
-    for x, y in zip(plain, workers):
-        assert x["episode"] == y["episode"]
-        for key in ("image", "timestamp", "mask"):
-            assert torch.equal(x[key], y[key])
-    batch = plain[0]
-    assert batch["image"].shape == (3, 8, 4, 4, 3) and batch["image"].dtype == torch.uint8
-    assert batch["agent_action"]["camera"].shape == (3, 8, 1) and batch["timestamp"].dtype == torch.int64
-    assert batch["mask"].dtype == torch.uint8
-    shuffled = make_loader(store, batch_size=4, window=8)
-    assert all(b["image"].shape[0] == 4 for b in shuffled)
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_random_windows_are_disjoint_across_ranks_with_equal_batch_counts(data, drop_last):
+    samplers = [RandomWindows(3, seed=5, drop_last=drop_last, num_replicas=4, rank=r) for r in range(4)]
+    per_rank = [s.batches(data, 2) for s in samplers]
+    assert len({len(b) for b in per_rank}) == 1
+    windows = [i for batches in per_rank for batch in batches for i in batch]
+    assert len(windows) == len(set(windows))
+    share = len(data) // 4
+    assert len(windows) == 4 * (share - share % 3 if drop_last else share)
+    assert all(len(batch) == 3 for batch in per_rank[0][:-1])
+    assert (len(per_rank[0][-1]) == 3) == (drop_last or share % 3 == 0)
 
 
-def test_continuous_batches_drive_the_memory_carry(store):
-    from mstudio.train import episode_starts
+def test_random_windows_without_shuffle_keep_dataset_order(data):
+    assert RandomWindows(4, shuffle=False).batches(data, 3)[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
-    last = torch.zeros(3, dtype=torch.long)
-    for batch in make_loader(store, batch_size=3, window=8, continuous=True, seed=5):
-        restart = episode_starts(batch["timestamp"], last)
-        assert restart.tolist() == (batch["timestamp"][:, 0] == 0).tolist()
-        last = batch["timestamp"][:, -1]
+
+def test_builtin_samplers_follow_the_protocol():
+    assert isinstance(RandomWindows(2), Sampler) and isinstance(EpisodeContinuous(2), Sampler)
+
+
+def test_long_episodes_build_in_linear_time(tmp_path):
+    """20k and 10k windows: an episode this long made MineStudio's ``pop(0)`` rows quadratic."""
+    store = EpisodeStore.create(tmp_path / "s", image_size=(1, 1))
+    fill_store(store, episodes=1, frames=20_000, seed=0)
+    fill_store(store, episodes=1, frames=10_000, seed=1)
+    data = WindowDataset(store, window=1)
+    assert EpisodeContinuous(1, shuffle=False).batches(data, 0) == [[i] for i in range(30_000)]
+    two_rows = EpisodeContinuous(2, shuffle=False).batches(data, 0)
+    assert two_rows == [[i, 20_000 + i] for i in range(10_000)]  # row 1's episode ends, none is left: stop
+
+
+def test_bad_ranks_and_batch_sizes_are_refused():
+    for kwargs in (dict(num_replicas=2, rank=2), dict(rank=1), dict(num_replicas=0), dict(rank=-1)):
+        with pytest.raises(ValueError, match="rank"):
+            EpisodeContinuous(2, **kwargs)
+        with pytest.raises(ValueError, match="rank"):
+            RandomWindows(2, **kwargs)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        RandomWindows(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_explicit_ranks_must_agree_with_the_process_group(data):
+    built_before = EpisodeContinuous(2, num_replicas=2, rank=1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
+    try:
+        with pytest.raises(ValueError, match=r"num_replicas=2 .* world size is 1"):
+            EpisodeContinuous(2, num_replicas=2)
+        with pytest.raises(ValueError, match=r"rank=1 .* rank is 0"):
+            RandomWindows(2, rank=1)
+        with pytest.raises(ValueError, match=r"num_replicas=2 .* world size is 1"):
+            built_before.batches(data, 0)  # a group initialised after construction is not overridden either
+        sampler = RandomWindows(2, num_replicas=1, rank=0)
+        assert (sampler.num_replicas, sampler.rank) == (1, 0)
+        implicit, explicit = EpisodeContinuous(2, seed=3), EpisodeContinuous(2, seed=3, num_replicas=1, rank=0)
+        assert implicit.batches(data, 0) == explicit.batches(data, 0)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_deprecated_batch_sampler_still_iterates_epochs(data):
+    with pytest.warns(DeprecationWarning, match=r"make_loader\(store, window, EpisodeContinuous\(2, seed=1\)\)"):
+        old = EpisodeContinuousBatchSampler(data, 2, seed=1)
+    assert list(old) == EpisodeContinuous(2, seed=1).batches(data, 0) and len(old) == len(list(old))
+    old.set_epoch(1)
+    assert list(old) == EpisodeContinuous(2, seed=1).batches(data, 1)
