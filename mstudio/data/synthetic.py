@@ -54,11 +54,26 @@ def random_batch(
     return optree.tree_map(lambda t: t.to(device), batch)
 
 
-def fill_store(store, *, episodes: int, frames: int | tuple[int, int], seed: int = 0) -> list[str]:
+def _learnable_episode(rng: np.random.Generator, n: int, height: int, width: int, vocabulary: int):
+    """Frames whose colour names the action: ``vocabulary`` (buttons, camera) pairs, each with a colour."""
+    table = np.random.default_rng(0)  # the same action/colour table for every episode and seed
+    buttons = table.integers(0, N_BUTTONS, vocabulary)
+    camera = table.integers(0, N_CAMERA, vocabulary)
+    colours = table.integers(0, 256, (vocabulary, 3))
+    which = rng.integers(0, vocabulary, n)
+    noise = rng.integers(-20, 21, (n, height, width, 3))
+    frames = np.clip(colours[which][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return frames, buttons[which], camera[which]
+
+
+def fill_store(store, *, episodes: int, frames: int | tuple[int, int], seed: int = 0,
+               vocabulary: int | None = None) -> list[str]:
     """Append ``episodes`` random episodes to ``store`` (lengths ``frames`` or drawn from ``[lo, hi]``).
 
-    Frames are random RGB at the store's size; actions random joint indices, with ``env_buttons``,
-    ``env_camera`` and ``flags`` zero. For tests, benchmarks and the default demo. Returns the new ids.
+    Frames are random RGB at the store's size and actions random joint indices; with ``vocabulary``, every
+    frame instead shows the colour of one of ``vocabulary`` fixed actions (plus noise) and records that
+    action, so a policy can learn it (the default ``mstudio train`` store). ``env_buttons``, ``env_camera``
+    and ``flags`` are zero. For tests, benchmarks and the default demo. Returns the new ids.
     """
     rng = np.random.default_rng(seed)
     low, high = (frames, frames) if isinstance(frames, int) else frames
@@ -67,13 +82,18 @@ def fill_store(store, *, episodes: int, frames: int | tuple[int, int], seed: int
     for i in range(episodes):
         n = int(rng.integers(low, high + 1))
         episode_id = f"synthetic-{seed}-{first + i:06d}"
+        if vocabulary is None:
+            images = rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+            buttons, camera = rng.integers(0, N_BUTTONS, n), rng.integers(0, N_CAMERA, n)
+        else:
+            images, buttons, camera = _learnable_episode(rng, n, height, width, vocabulary)
         store.append(episode_id, {
-            "frames": rng.integers(0, 256, (n, height, width, 3), dtype=np.uint8),
-            "buttons": rng.integers(0, N_BUTTONS, n).astype(np.int16),
-            "camera": rng.integers(0, N_CAMERA, n).astype(np.uint8),
+            "frames": images,
+            "buttons": buttons.astype(np.int16),
+            "camera": camera.astype(np.uint8),
             "env_buttons": np.zeros(n, dtype=np.uint32),
             "env_camera": np.zeros((n, 2), dtype=np.float32),
             "flags": np.zeros(n, dtype=np.uint8),
-        }, {"source": "synthetic", "seed": seed})
+        }, {"source": "synthetic", "seed": seed, "vocabulary": vocabulary})
         ids.append(episode_id)
     return ids

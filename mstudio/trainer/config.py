@@ -1,0 +1,221 @@
+"""What a training run is, as typed dataclasses read from TOML; every bad value fails before any work.
+
+A config file has one table per part (every key optional; the defaults train VPT ``tiny`` with behaviour
+cloning on a built-in synthetic store)::
+
+    [data]        store, window, batch_size, sampler, skip_frame, num_workers, val_episodes
+    [policy]      preset, weights
+    [objectives]  behavior_clone = 1.0, kl_gaussian = 0.5     (name = weight)
+    [optimizer]   lr, weight_decay, warmup_steps, clip_norm, betas, eps
+    [run]         name, out, max_steps, log_every, val_every, val_batches, ckpt_every, keep_checkpoints,
+                  ema_decay, compile, seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["OBJECTIVES", "ConfigError", "DataConfig", "OptimizerConfig", "PolicyConfig", "RunConfig", "TrainConfig",
+           "config_from_dict", "load_config"]
+
+#: Objectives a config may name, with the ``losses`` function each stands for.
+OBJECTIVES = ("behavior_clone", "kl_gaussian")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed: the message names the key, what is allowed and what came."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    store: str | None = None
+    """Episode store directory; ``None``: the built-in synthetic store (made on first use, then reused)."""
+    window: int = 16
+    """``T``: steps per window."""
+    batch_size: int = 4
+    """``B``: rows per batch."""
+    sampler: str = "continuous"
+    """``"continuous"`` (episode-continuous rows, memory carried; MineStudio's sampler) or ``"random"``."""
+    skip_frame: int = 1
+    """Take every ``skip_frame``-th frame."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    val_episodes: int = 2
+    """Episodes held out (the store's last ones) for validation; 0: no validation."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    preset: str = "tiny"
+    """VPT size (``mstudio.models.VPTConfig`` presets: tiny, small, 1x, 2x, 3x); ignored with ``weights``."""
+    weights: str | None = None
+    """Pretrained weights: a local Hugging Face-layout folder (config.json + model.safetensors) or an exported
+    ``policy.safetensors``; never downloaded."""
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-3
+    """Peak learning rate (MineStudio's ``learning_rate``)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup length: update k uses ``lr * min((k + 1) / warmup_steps, 1)``."""
+    clip_norm: float | None = None
+    """Global gradient-norm clip (Lightning's ``gradient_clip_val``); ``None``: off."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's ``(b1, b2)``."""
+    eps: float = 1e-8
+    """Adam's epsilon."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str | None = None
+    """Run directory name under ``out``; ``None``: a time stamp."""
+    out: str = "runs"
+    """Where run directories go."""
+    max_steps: int = 300
+    """Updates to train for (a resumed run continues up to this count)."""
+    log_every: int = 10
+    """Read metrics to the host and log them every this many steps."""
+    val_every: int = 100
+    """Validate every this many steps (and at the end); 0: never."""
+    val_batches: int = 4
+    """Batches per validation pass."""
+    ckpt_every: int = 100
+    """Checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept."""
+    ema_decay: float | None = None
+    """Keep an EMA of the parameters with this decay (used for validation and export); ``None``: off."""
+    compile: bool = True
+    """Compile the train step into one graph (``torch.compile``); ``False``: eager."""
+    seed: int = 0
+    """Seeds the policy's initialisation and the samplers."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    objectives: dict[str, float] = field(default_factory=lambda: {"behavior_clone": 1.0})
+    """Objective name -> weight (see :data:`OBJECTIVES`)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (TOML- and JSON-able; ``None`` values left out, as TOML has no null)."""
+        return _drop_none(dataclasses.asdict(self))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` checked against ``annotation`` (int, float, str, bool, X | None, tuple[float, float])."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__} {table!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(table) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(hints)}")
+    return cls(**{key: _coerce(value, hints[key], f"{where}.{key}") for key, value in table.items()})
+
+
+def _check(condition: bool, where: str, allowed: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{where}: must be {allowed}, got {value!r}")
+
+
+def _validate(config: TrainConfig) -> None:
+    from mstudio.models.vpt.config import VPTConfig  # the preset names live with the presets
+
+    data, run, opt = config.data, config.run, config.optimizer
+    for where, value in (("data.window", data.window), ("data.batch_size", data.batch_size),
+                         ("data.skip_frame", data.skip_frame), ("run.max_steps", run.max_steps),
+                         ("run.log_every", run.log_every), ("run.val_batches", run.val_batches),
+                         ("run.keep_checkpoints", run.keep_checkpoints)):
+        _check(value >= 1, where, "an integer >= 1", value)
+    for where, value in (("data.num_workers", data.num_workers), ("data.val_episodes", data.val_episodes),
+                         ("run.val_every", run.val_every), ("run.ckpt_every", run.ckpt_every),
+                         ("optimizer.warmup_steps", opt.warmup_steps), ("run.seed", run.seed)):
+        _check(value >= 0, where, "an integer >= 0", value)
+    _check(data.sampler in ("continuous", "random"), "data.sampler", "one of ['continuous', 'random']", data.sampler)
+    _check(config.policy.preset in VPTConfig.preset_names(), "policy.preset", f"one of {sorted(VPTConfig.preset_names())}",
+           config.policy.preset)
+    _check(opt.lr >= 0 and opt.lr != float("inf"), "optimizer.lr", "a finite number >= 0", opt.lr)
+    _check(0 <= opt.weight_decay < float("inf"), "optimizer.weight_decay", "a finite number >= 0", opt.weight_decay)
+    _check(opt.clip_norm is None or opt.clip_norm > 0, "optimizer.clip_norm", "a number > 0", opt.clip_norm)
+    _check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "two numbers in [0, 1)", list(opt.betas))
+    _check(opt.eps > 0, "optimizer.eps", "a number > 0", opt.eps)
+    _check(run.ema_decay is None or 0 <= run.ema_decay < 1, "run.ema_decay", "a number in [0, 1)", run.ema_decay)
+    _check(bool(config.objectives), "objectives", f"at least one of {list(OBJECTIVES)}", config.objectives)
+    for name, weight in config.objectives.items():
+        _check(name in OBJECTIVES, f"objectives.{name}", f"one of {list(OBJECTIVES)}", name)
+        _check(weight >= 0 and weight != float("inf"), f"objectives.{name}", "a finite weight >= 0", weight)
+
+
+def config_from_dict(table: Mapping[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from nested plain data (a parsed TOML file).
+
+    Raises:
+        ConfigError: naming the key, what is allowed and what came.
+    """
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"a config must be a table, got {type(table).__name__}")
+    parts = {"data": DataConfig, "policy": PolicyConfig, "optimizer": OptimizerConfig, "run": RunConfig}
+    unknown = sorted(set(table) - {*parts, "objectives"})
+    if unknown:
+        raise ConfigError(f"unknown table(s) {unknown}; allowed: {sorted([*parts, 'objectives'])}")
+    built = {name: _build(cls, table.get(name, {}), name) for name, cls in parts.items()}
+    objectives = table.get("objectives", {"behavior_clone": 1.0})
+    if not isinstance(objectives, Mapping):
+        raise ConfigError(f"objectives: expected a table of name = weight, got {objectives!r}")
+    built["objectives"] = {name: _coerce(w, float, f"objectives.{name}") for name, w in objectives.items()}
+    config = TrainConfig(**built)
+    _validate(config)
+    return config
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a TOML config file (see the module docstring for its tables)."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    return config_from_dict(table)

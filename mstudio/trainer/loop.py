@@ -1,0 +1,166 @@
+"""The Trainer: drives the compiled step over a loader, logs, validates, checkpoints, resumes, exports.
+
+The loop only orchestrates; the work is in the pure step. It reads metrics to the host every ``log_every``
+steps (one sync), so between logs the step runs back to back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from mstudio.train import init_state, make_train_step
+from mstudio.train.evaluate import init_eval_carry, make_eval_step
+from mstudio.trainer import build
+from mstudio.trainer.checkpoint import export_policy, latest_checkpoint, load_checkpoint, save_checkpoint
+from mstudio.trainer.config import ConfigError, TrainConfig, config_from_dict
+from mstudio.trainer.tensorboard import MetricWriter
+from mstudio.trainer.toml import dump_toml
+
+__all__ = ["Trainer"]
+
+
+def _to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """All metrics in one device sync."""
+    names = list(metrics)
+    values = torch.stack([metrics[n].detach().float().reshape(()) for n in names]).tolist()
+    return dict(zip(names, values))
+
+
+class Trainer:
+    """One run of ``config`` in ``<config.run.out>/<config.run.name>/``.
+
+    Use :meth:`fit`. The run directory holds TensorBoard event files, ``config.toml``,
+    ``checkpoints/step_<N>/`` and, at the end, ``policy.safetensors`` (the EMA weights when kept).
+
+    Args:
+        config: the run.
+        resume: continue the run in its directory from its newest checkpoint (its config is the one given,
+            normally read back from the run's ``config.toml``; only ``run.max_steps`` may differ).
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False):
+        self.config = config
+        run = config.run
+        name = run.name or time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = Path(run.out) / name
+        if not resume and latest_checkpoint(self.run_dir) is not None:
+            raise ConfigError(f"run.name: {self.run_dir} already holds checkpoints; resume it (--resume "
+                              f"{self.run_dir}) or choose another run name")
+        self.policy = build.build_policy(config.policy, run.seed)
+        store = build.open_store(config.data, self.policy.config.img_shape, run.out)
+        self.loader, self.val_loader = build.build_loaders(config.data, store, run.seed)
+        self.objective = build.build_objective(config.objectives)
+        self.optimizer = build.build_optimizer(config.optimizer)
+        self.state = init_state(self.policy, self.optimizer, config.data.batch_size, objective=self.objective,
+                                ema=run.ema_decay is not None)
+        self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
+                                    ema_decay=run.ema_decay)
+        self.eval_step = make_eval_step(self.policy, self.objective)
+        if resume:
+            self._restore()
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, *, max_steps: int | None = None) -> "Trainer":
+        """The run in ``run_dir``, rebuilt from its ``config.toml``, at its newest checkpoint."""
+        import tomllib
+
+        path = Path(run_dir) / "config.toml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {run_dir} is not an mstudio run directory")
+        table = tomllib.loads(path.read_text())
+        run_dir = Path(run_dir)
+        table["run"] = {**table.get("run", {}), "out": str(run_dir.parent), "name": run_dir.name}
+        if max_steps is not None:
+            table["run"]["max_steps"] = max_steps
+        return cls(config_from_dict(table), resume=True)
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        return {"state": self.state, "rng": torch.get_rng_state()}
+
+    def _restore(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoint to resume from")
+        tree, meta = load_checkpoint(path, self._checkpoint_tree())
+        self.state = tree["state"]
+        torch.set_rng_state(tree["rng"])
+        self.loader.load_state_dict(meta["loader"])
+        print(f"resumed {self.run_dir} at step {int(self.state.step)} from {path}")
+
+    def _save(self) -> Path:
+        meta = {"loader": self.loader.state_dict(), "config": self.config.to_dict()}
+        return save_checkpoint(self.run_dir, int(self.state.step), self._checkpoint_tree(), meta,
+                               keep=self.config.run.keep_checkpoints)
+
+    def _batches(self) -> Iterator[dict]:
+        """The train loader's batches, epoch after epoch."""
+        while True:
+            yield from self.loader
+
+    def validate(self) -> dict[str, float]:
+        """Mean objective metrics over ``run.val_batches`` validation batches, with a memory of their own and
+        the EMA weights when kept. Empty without a validation set."""
+        if self.val_loader is None:
+            return {}
+        self.val_loader.load_state_dict({"epoch": 0, "batch": 0})  # the same batches every time
+        carry = init_eval_carry(self.policy, self.config.data.batch_size)
+        totals: dict[str, float] = {}
+        batches = list(itertools.islice(self.val_loader, self.config.run.val_batches))
+        for batch in batches:
+            carry, metrics = self.eval_step(self.state, carry, batch, use_ema=True)
+            for key, value in _to_host(metrics).items():
+                totals[key] = totals.get(key, 0.0) + value
+        return {key: value / len(batches) for key, value in totals.items()}
+
+    def fit(self) -> dict[str, Any]:
+        """Train up to ``run.max_steps`` and export the policy.
+
+        Returns:
+            ``{"run_dir", "steps", "seconds", "first_loss", "last_loss", "val"}`` (losses as logged).
+        """
+        run = self.config.run
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
+        writer = MetricWriter(self.run_dir)
+        writer.hyperparameters(self.config.to_dict())
+        frames_per_step = self.config.data.batch_size * self.config.data.window
+        step, start = int(self.state.step), time.perf_counter()
+        first_loss = last_loss = None
+        val: dict[str, float] = {}
+        batches = self._batches()
+        bar = tqdm(total=run.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        since, since_step = time.perf_counter(), step
+        while step < run.max_steps:
+            self.state, metrics = self.step(self.state, next(batches))
+            step += 1
+            bar.update(1)
+            if step % run.log_every == 0 or step == run.max_steps:
+                host = _to_host(metrics)
+                now = time.perf_counter()
+                host["steps_per_s"] = (step - since_step) / (now - since)
+                host["frames_per_s"] = host["steps_per_s"] * frames_per_step
+                since, since_step = now, step
+                writer.scalars("train", host, step)
+                first_loss = host["loss"] if first_loss is None else first_loss
+                last_loss = host["loss"]
+                bar.set_postfix(loss=f"{host['loss']:.4g}", steps_s=f"{host['steps_per_s']:.1f}",
+                                frames_s=f"{host['frames_per_s']:.0f}")
+            if (run.val_every and step % run.val_every == 0) or step == run.max_steps:
+                val = self.validate()
+                writer.scalars("val", val, step)
+            if (run.ckpt_every and step % run.ckpt_every == 0) or step == run.max_steps:
+                self._save()
+        bar.close()
+        params = self.state.ema if self.state.ema is not None else self.state.params
+        export_policy(self.run_dir / "policy.safetensors", {**params, **self.state.buffers},
+                      build.policy_config(self.policy))
+        writer.close()
+        return {"run_dir": str(self.run_dir), "steps": step, "seconds": time.perf_counter() - start,
+                "first_loss": first_loss, "last_loss": last_loss, "val": val}
+
