@@ -1,9 +1,7 @@
 """Policies that follow :mod:`mstudio.policy`'s protocol."""
 
 from mstudio.models.tiny import TinyPolicy
+from mstudio.models.vpt import VPTConfig, VPTPolicy, vpt_configs
+from mstudio.models.vpt.weights import load_vpt_weights
 
-__all__ = ["TinyPolicy"]
-from mstudio.models.vpt import VPTPolicy, vpt_configs  # noqa: E402
-from mstudio.models.vpt.weights import load_vpt_weights  # noqa: E402
-
-__all__ += ["VPTPolicy", "load_vpt_weights", "vpt_configs"]
+__all__ = ["TinyPolicy", "VPTConfig", "VPTPolicy", "load_vpt_weights", "vpt_configs"]

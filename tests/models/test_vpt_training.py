@@ -10,7 +10,7 @@ import torch
 
 import losses
 import mstudio
-from mstudio.models import VPTPolicy, vpt_configs
+from mstudio.models import VPTPolicy
 from tests.support.compile_checks import assert_step_is_one_graph
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vpt"
@@ -25,7 +25,7 @@ def reference():
 
 
 def tiny(state_dict):
-    policy = VPTPolicy(**vpt_configs["tiny"])
+    policy = VPTPolicy.from_preset("tiny")
     policy.load_state_dict(state_dict, strict=True)
     return policy
 
@@ -60,7 +60,7 @@ def test_three_bc_steps_match_minestudio(reference, run, clip):
 
 def _compile_setup(dtype=torch.float32):
     torch.manual_seed(0)
-    policy = VPTPolicy(**vpt_configs["tiny"]).to(dtype)
+    policy = VPTPolicy.from_preset("tiny").to(dtype)
     optimizer = mstudio.optim.adamw(1e-3, weight_decay=0.1, warmup_steps=3, clip_norm=1.0)
     # Six steps of B2 x T4: row 1 restarts its episode at steps 2 and 4, row 0 never does.
     gen = torch.Generator().manual_seed(5)

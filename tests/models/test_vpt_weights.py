@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mstudio.models import VPTPolicy, load_vpt_weights, vpt_configs
+from mstudio.models import VPTConfig, VPTPolicy, load_vpt_weights
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vpt"
 
@@ -18,7 +18,7 @@ def reference_state():
 
 
 def tiny():
-    return VPTPolicy(**vpt_configs["tiny"])
+    return VPTPolicy.from_preset("tiny")
 
 
 def assert_loaded(policy, state):
@@ -58,7 +58,7 @@ def test_weights_for_another_size_are_rejected(tmp_path, reference_state):
     path = tmp_path / "tiny.weights"
     torch.save(reference_state, path)
     with pytest.raises(ValueError, match=r"value_head.linear.weight: expected \(1, 256\), found \(1, 64\)"):
-        load_vpt_weights(VPTPolicy(**vpt_configs["small"]), path)
+        load_vpt_weights(VPTPolicy.from_preset("small"), path)
 
 
 def test_from_pretrained_reads_minestudios_hub_layout(tmp_path, reference_state):
@@ -76,9 +76,32 @@ def test_from_pretrained_reads_a_pytorch_model_bin(tmp_path, reference_state):
     assert_loaded(policy, reference_state)
 
 
+def test_from_pretrained_reads_an_mstudio_safetensors_export(tmp_path, reference_state):
+    safetensors = pytest.importorskip("safetensors.torch")
+    config = {"policy_kwargs": VPTConfig.preset("tiny").to_policy_kwargs(), "temperature": 2.0}
+    path = tmp_path / "policy.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in reference_state.items()}, str(path),
+                          metadata={"format": "mstudio-policy", "config": json.dumps(config)})
+    policy = VPTPolicy.from_pretrained(path)
+    assert policy.config == VPTConfig.preset("tiny")
+    assert policy.pi_head["camera"].temperature == 2.0
+    assert_loaded(policy, reference_state)
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "mstudio-policy"}, {"format": "other", "config": "{}"}])
+def test_from_pretrained_rejects_a_safetensors_file_without_config(tmp_path, reference_state, metadata):
+    safetensors = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "model.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in reference_state.items()}, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="holds weights but no config .* the architecture is unknown"):
+        VPTPolicy.from_pretrained(path)
+
+
 def test_from_pretrained_never_downloads(tmp_path):
     with pytest.raises(FileNotFoundError, match="never downloads"):
         VPTPolicy.from_pretrained(tmp_path / "CraftJarvis" / "MineStudio_VPT.foundation_model_2x")
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        VPTPolicy.from_pretrained(tmp_path / "policy.safetensors")
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -91,7 +114,7 @@ def test_from_pretrained_never_downloads(tmp_path):
 ])
 def test_unsupported_policy_kwargs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        VPTPolicy(**{**vpt_configs["tiny"], **kwargs})
+        VPTPolicy(**{**VPTConfig.preset("tiny").to_policy_kwargs(), **kwargs})
 
 
 def test_wrong_image_size_or_dtype_raises():

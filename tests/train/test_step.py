@@ -11,8 +11,9 @@ import losses
 import mstudio
 from mstudio.data.synthetic import random_batch
 from mstudio.models import TinyPolicy
-from mstudio.train.step import build_train_step, value_and_grad_autograd, value_and_grad_func
+from mstudio.train.step import train_step_function, value_and_grad_autograd, value_and_grad_func
 
+from benchmarks.minestudio_style import make_minestudio_step
 from tests.support.policies import CountingPolicy
 
 HYPER = dict(lr=1e-3, weight_decay=0.1, warmup_steps=3, clip_norm=1.0)
@@ -25,27 +26,14 @@ def episode_batches(B=2, T=4, image=16, count=6):
 
 
 def minestudio_reference(policy, batches, weight=0.01):
-    """What MineLightning does per batch, written with the module and torch's optimizer."""
+    """MineStudio's step (benchmarks/minestudio_style.py) over ``batches``, on a copy of ``policy``."""
     policy = copy.deepcopy(policy)
-    opt = torch.optim.AdamW(policy.parameters(), lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / HYPER["warmup_steps"], 1))
-    B = batches[0]["timestamp"].shape[0]
-    init = policy.initial_state(B)
-    memory, last = init, torch.zeros(B, dtype=torch.long)
+    objective = losses.weighted(losses.behavior_clone, weight)
+    step = make_minestudio_step(policy, lambda batch, latents: objective(batch, latents, {}), **HYPER)
     history = []
     for batch in batches:
-        boe = batch["timestamp"][:, 0] != last + 1
-        memory = tuple(torch.where(boe.view(B, *[1] * (m.dim() - 1)), i, m) for m, i in zip(memory, init))
-        latents, state_out = policy(batch, memory)
-        out = losses.behavior_clone(batch, latents, {}, weight=weight)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], HYPER["clip_norm"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        memory = tuple(s.detach() for s in state_out)
-        last = batch["timestamp"][:, -1]
-        history.append({k: float(v.detach()) for k, v in out.items()})
+        outputs, memory = step(batch)
+        history.append({k: float(v) for k, v in outputs.items()})
     return policy, memory, history
 
 
@@ -109,7 +97,8 @@ def test_metrics_hold_objective_outputs_lr_and_grad_norm():
     for i in range(4):
         state, metrics = step(state, random_batch(2, 4, 8, seed=i, start=4 * i))
         lrs.append(metrics["lr"].item())
-        assert set(metrics) == {"loss", "camera_loss", "button_loss", "entropy", "bc_weight", "lr", "grad_norm"}
+        assert set(metrics) == {"loss", "camera_loss", "button_loss", "entropy", "bc_weight", "lr", "grad_norm",
+                                "skipped_updates"}
         assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
 
@@ -145,8 +134,8 @@ def test_the_two_gradient_implementations_agree():
     objective = functools.partial(losses.behavior_clone, weight=0.01)
     reached = frozenset(k for k in state.params if not k.startswith("value"))
     batch = random_batch(2, 4, 16)
-    a = build_train_step(apply_fn, objective, optimizer, reached, value_and_grad_func)(state, batch)
-    b = build_train_step(apply_fn, objective, optimizer, reached, value_and_grad_autograd)(state, batch)
+    a = train_step_function(apply_fn, objective, optimizer, reached, value_and_grad_func)(state, batch)
+    b = train_step_function(apply_fn, objective, optimizer, reached, value_and_grad_autograd)(state, batch)
     close = optree.tree_map(lambda x, y: torch.allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
     assert all(optree.tree_leaves(close))
 

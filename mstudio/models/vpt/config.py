@@ -1,60 +1,23 @@
-"""VPT network sizes and the validation of MineStudio's ``policy_kwargs``.
+"""VPT network sizes: the typed :class:`VPTConfig`, its named presets, and MineStudio's ``policy_kwargs``.
 
-``vpt_configs[name]`` is a dict of keyword arguments for :class:`mstudio.models.VPTPolicy`, spelt as
-MineStudio's ``policy_kwargs`` (and OpenAI's ``.model`` files) spell them. The foundation sizes are those of
+A :class:`VPTConfig` is the validated architecture of a VPT network. ``VPTConfig.preset(name)`` gives a named
+size, ``VPTConfig.from_policy_kwargs(kwargs)`` reads MineStudio's ``policy_kwargs`` (as MineStudio's
+``config.json`` and OpenAI's ``.model`` files spell them) and ``config.to_policy_kwargs()`` writes them back,
+so a checkpoint or an export can record a config that MineStudio reads. The foundation sizes are those of
 OpenAI's published VPT models (``foundation-model-1x/2x/3x.model``).
+
+``vpt_configs`` (a mapping name -> ``policy_kwargs``) is deprecated: use ``VPTConfig.preset(name)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-_IMPALA_NORMS = {"batch_norm": False, "group_norm_groups": 1}
-
-
-def _foundation(hidsize: int, heads: int, impala_width: int) -> dict[str, Any]:
-    return dict(
-        attention_heads=heads,
-        attention_mask_style="clipped_causal",
-        attention_memory_size=256,
-        diff_mlp_embedding=False,
-        hidsize=hidsize,
-        img_shape=(128, 128, 3),
-        impala_chans=(16, 32, 32),
-        impala_kwargs={"post_pool_groups": 1},
-        impala_width=impala_width,
-        init_norm_kwargs=dict(_IMPALA_NORMS),
-        n_recurrence_layers=4,
-        only_img_input=True,
-        pointwise_ratio=4,
-        pointwise_use_activation=False,
-        recurrence_is_residual=True,
-        recurrence_type="transformer",
-        timesteps=128,
-        use_pointwise_layer=True,
-        use_pre_lstm_ln=False,
-    )
-
-
-def _small(hidsize: int, heads: int, memory: int, timesteps: int) -> dict[str, Any]:
-    config = _foundation(hidsize, heads, impala_width=1)
-    config.update(
-        img_shape=(64, 64, 3), n_recurrence_layers=2, attention_memory_size=memory, timesteps=timesteps
-    )
-    return config
-
-
-#: Named VPT sizes. ``tiny``: for tests (half-width CNN to keep fixtures small; its 6-frame memory is shorter
-#: than a test window, so the band mask matters). ``small``: the benchmark size. ``1x``/``2x``/``3x``: OpenAI's
-#: foundation models (about 71 M, 248.5 M and 532.5 M parameters).
-vpt_configs: dict[str, dict[str, Any]] = {
-    "tiny": {**_small(hidsize=64, heads=4, memory=10, timesteps=4), "impala_chans": (8, 16, 16)},
-    "small": _small(hidsize=256, heads=4, memory=64, timesteps=32),
-    "1x": _foundation(hidsize=1024, heads=16, impala_width=4),
-    "2x": _foundation(hidsize=2048, heads=16, impala_width=8),
-    "3x": _foundation(hidsize=3072, heads=24, impala_width=12),
-}
+__all__ = ["VPTConfig", "vpt_configs"]
 
 # MineStudio's MinecraftPolicy accepts these and never reads them; published configs carry them.
 _IGNORED = {"obs_processing_width", "only_img_input", "diff_mlp_embedding", "input_shape", "active_reward_monitors"}
@@ -62,26 +25,68 @@ _IGNORED = {"obs_processing_width", "only_img_input", "diff_mlp_embedding", "inp
 
 @dataclass(frozen=True)
 class VPTConfig:
-    """The validated architecture of a VPT network (see MineStudio's ``models/vpt/body.py:MinecraftPolicy``)."""
+    """The validated architecture of a VPT network (MineStudio's ``models/vpt/body.py:MinecraftPolicy``).
+
+    Build one from a preset (``VPTConfig.preset("1x")``), from MineStudio's ``policy_kwargs``
+    (:meth:`from_policy_kwargs`), or field by field; every way is checked by the same rules.
+
+    Raises:
+        ValueError: when ``img_shape`` is not ``(height, width, 3)``, when ``attention_memory_size`` does not
+            exceed ``timesteps``, or when ``hidsize`` is not divisible by ``attention_heads``.
+    """
 
     hidsize: int = 512
+    """Width of the latent: the CNN's output, every transformer layer and the heads' input."""
     img_shape: tuple[int, int, int] = (128, 128, 3)
+    """``(height, width, 3)`` of the uint8 frames the policy takes."""
     impala_width: int = 1
+    """Multiplier of every IMPALA CNN stack's channel count."""
     impala_chans: tuple[int, ...] = (16, 32, 32)
-    conv_groups: int | None = None  # GroupNorm groups before convs (init_norm_kwargs["group_norm_groups"])
-    dense_layer_norm: bool = False  # LayerNorm before dense layers (on when convs are normed)
+    """Channels of the IMPALA CNN stacks before ``impala_width`` multiplies them (one stack per entry)."""
+    conv_groups: int | None = None
+    """GroupNorm groups before every convolution but the first; ``None`` for no norm. MineStudio:
+    ``init_norm_kwargs["group_norm_groups"]``. Setting it also puts a LayerNorm before the dense layers."""
     post_pool_groups: int | None = None
+    """GroupNorm groups after each stack's max-pool; ``None`` for no norm. MineStudio:
+    ``impala_kwargs["post_pool_groups"]``."""
     first_conv_norm: bool = False
+    """Whether the very first convolution gets a norm too."""
     scale_input_img: bool = True
+    """Whether frames are divided by 255 before the CNN."""
     attention_heads: int = 8
+    """Heads of each transformer layer's attention; must divide ``hidsize``."""
     attention_memory_size: int = 2048
+    """Memory plus chunk length of the attention; must exceed ``timesteps`` (see :attr:`maxlen`)."""
     timesteps: int = 128
+    """The chunk length the attention was built for; only ``attention_memory_size - timesteps`` matters here."""
     n_recurrence_layers: int = 1
+    """Number of transformer layers (each carries its own memory)."""
     use_pointwise_layer: bool = True
+    """Whether each transformer layer has its pointwise MLP after the attention."""
     pointwise_ratio: int = 4
+    """Hidden width of that MLP, as a multiple of ``hidsize``."""
     pointwise_use_activation: bool = False
+    """Whether that MLP has a ReLU between its two linear layers."""
     recurrence_is_residual: bool = True
+    """Whether the MLP output is added to its input."""
     use_pre_lstm_ln: bool = True
+    """Whether a LayerNorm sits between the CNN and the transformer (the name is VPT's, from its LSTM days)."""
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; tuples keep the config hashable and equal to its presets.
+        object.__setattr__(self, "img_shape", tuple(int(s) for s in self.img_shape))
+        object.__setattr__(self, "impala_chans", tuple(self.impala_chans))
+        if len(self.img_shape) != 3 or self.img_shape[2] != 3:
+            raise ValueError(f"VPTConfig: img_shape must be (height, width, 3), got {self.img_shape}")
+        if self.maxlen <= 0:
+            raise ValueError(
+                f"VPTConfig: attention_memory_size ({self.attention_memory_size}) must exceed timesteps "
+                f"({self.timesteps}): the memory holds attention_memory_size - timesteps frames"
+            )
+        if self.hidsize % self.attention_heads:
+            raise ValueError(
+                f"VPTConfig: hidsize {self.hidsize} is not divisible by attention_heads {self.attention_heads}"
+            )
 
     @property
     def maxlen(self) -> int:
@@ -90,86 +95,188 @@ class VPTConfig:
 
     @property
     def chans(self) -> tuple[int, ...]:
+        """Channels of the IMPALA CNN stacks (``impala_width * impala_chans``)."""
         return tuple(int(self.impala_width * c) for c in self.impala_chans)
 
+    @property
+    def dense_layer_norm(self) -> bool:
+        """Whether the dense layers are LayerNormed: MineStudio turns that on whenever the convolutions are."""
+        return self.conv_groups is not None
 
-def parse_policy_kwargs(kwargs: Mapping[str, Any]) -> VPTConfig:
-    """Check MineStudio ``policy_kwargs`` and return the :class:`VPTConfig` they describe.
+    @classmethod
+    def preset(cls, name: str) -> VPTConfig:
+        """A named size: ``tiny`` (tests; a half-width CNN keeps fixtures small, and its 6-frame memory is
+        shorter than a test window, so the band mask matters), ``small`` (the benchmark size), ``1x``/``2x``/``3x``
+        (OpenAI's foundation models: about 71 M, 248.5 M and 532.5 M parameters).
 
-    Raises:
-        ValueError: for an unknown name, or a value this port does not implement (LSTM recurrence,
-            BatchNorm, image statistics files, ...), naming the argument and the accepted values.
-    """
-    kwargs = dict(kwargs)
-    for name in _IGNORED:
-        kwargs.pop(name, None)
+        Raises:
+            ValueError: for an unknown name, listing the known ones.
+        """
+        try:
+            return _PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown VPT preset {name!r}; known presets: {list(_PRESETS)}") from None
 
-    def take(name: str, default: Any) -> Any:
-        return kwargs.pop(name, default)
+    @classmethod
+    def preset_names(cls) -> tuple[str, ...]:
+        """The names :meth:`preset` accepts, smallest first."""
+        return tuple(_PRESETS)
 
-    def require(name: str, value: Any, accepted: tuple) -> None:
-        if value not in accepted:
-            raise ValueError(f"VPTPolicy: {name}={value!r} is not supported; accepted: {list(accepted)}")
+    @classmethod
+    def from_policy_kwargs(cls, policy_kwargs: Mapping[str, Any]) -> VPTConfig:
+        """Check MineStudio's ``policy_kwargs`` and return the config they describe.
 
-    require("recurrence_type", take("recurrence_type", "transformer"), ("transformer",))
-    require("attention_mask_style", take("attention_mask_style", "clipped_causal"), ("clipped_causal",))
-    img_statistics = take("img_statistics", None)
-    require("img_statistics", img_statistics, (None,))
-    take("single_output", False)  # policy and value share one latent either way
+        Args:
+            policy_kwargs: MineStudio's ``MinecraftPolicy`` keyword arguments, e.g. ``config.json["policy_kwargs"]``.
+                ``img_shape`` and ``timesteps`` are required; keys MineStudio ignores are ignored.
 
-    norm_kwargs = dict(take("init_norm_kwargs", {}) or {})
-    require("init_norm_kwargs['batch_norm']", bool(norm_kwargs.pop("batch_norm", False)), (False,))
+        Raises:
+            ValueError: for an unknown name, or a value this port does not implement (LSTM recurrence, BatchNorm,
+                image statistics files, ...), naming the argument and the accepted values.
+        """
+        kwargs = {k: v for k, v in policy_kwargs.items() if k not in _IGNORED}
+        _check_fixed_choices(kwargs)
+        conv_groups = _parse_init_norm_kwargs(kwargs.pop("init_norm_kwargs", None))
+        post_pool_groups = _parse_impala_kwargs(kwargs.pop("impala_kwargs", None))
+        fields = _take_plain_fields(kwargs)
+        if kwargs:
+            known = {*_PLAIN_FIELDS, *_FIXED_CHOICES, *_IGNORED, "img_shape", "timesteps", "init_norm_kwargs",
+                     "impala_kwargs", "img_statistics", "single_output"}
+            raise ValueError(f"VPTConfig: unknown policy_kwargs {sorted(kwargs)}; accepted: {sorted(known)}")
+        return cls(conv_groups=conv_groups, post_pool_groups=post_pool_groups, **fields)
+
+    def to_policy_kwargs(self) -> dict[str, Any]:
+        """MineStudio's ``policy_kwargs`` for this config, every architecture argument explicit (no reliance on
+        MineStudio's defaults), so ``VPTConfig.from_policy_kwargs(c.to_policy_kwargs()) == c``."""
+        kwargs = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        conv_groups, post_pool_groups = kwargs.pop("conv_groups"), kwargs.pop("post_pool_groups")
+        init_norm = {"batch_norm": False} | ({} if conv_groups is None else {"group_norm_groups": conv_groups})
+        impala = {} if post_pool_groups is None else {"post_pool_groups": post_pool_groups}
+        kwargs.update(init_norm_kwargs=init_norm, impala_kwargs=impala, **_FIXED_CHOICES)
+        return dict(sorted(kwargs.items()))
+
+
+# policy_kwargs this port implements one value of; to_policy_kwargs writes them so MineStudio builds the same.
+_FIXED_CHOICES = {"recurrence_type": "transformer", "attention_mask_style": "clipped_causal"}
+
+
+def _as_given(value: Any) -> Any:
+    return value
+
+
+# policy_kwargs copied to the field of the same name, with the conversion applied; absent ones keep the default.
+# impala_width stays as given: MineStudio allows fractional widths (channels are int(width * chans)).
+_PLAIN_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "hidsize": int, "impala_width": _as_given, "impala_chans": tuple, "first_conv_norm": bool,
+    "scale_input_img": bool, "attention_heads": int, "attention_memory_size": int, "n_recurrence_layers": int,
+    "use_pointwise_layer": bool, "pointwise_ratio": _as_given, "pointwise_use_activation": bool,
+    "recurrence_is_residual": bool, "use_pre_lstm_ln": bool,
+}
+
+
+def _require(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"VPTConfig: {name}={value!r} is not supported; accepted: {list(accepted)}")
+
+
+def _check_fixed_choices(kwargs: dict[str, Any]) -> None:
+    """Pop the arguments with one supported value (or none that matters) from ``kwargs``, checking each."""
+    for name, value in _FIXED_CHOICES.items():
+        _require(name, kwargs.pop(name, value), (value,))
+    _require("img_statistics", kwargs.pop("img_statistics", None), (None,))
+    kwargs.pop("single_output", None)  # policy and value share one latent either way
+
+
+def _parse_init_norm_kwargs(norm_kwargs: Mapping[str, Any] | None) -> int | None:
+    """``init_norm_kwargs`` -> :attr:`VPTConfig.conv_groups`."""
+    norm_kwargs = dict(norm_kwargs or {})
+    _require("init_norm_kwargs['batch_norm']", bool(norm_kwargs.pop("batch_norm", False)), (False,))
     conv_groups = norm_kwargs.pop("group_norm_groups", None)
     conv_layer_norm = bool(norm_kwargs.pop("layer_norm", False))
     if norm_kwargs:
-        raise ValueError(f"VPTPolicy: unknown init_norm_kwargs {sorted(norm_kwargs)}; accepted: "
+        raise ValueError(f"VPTConfig: unknown init_norm_kwargs {sorted(norm_kwargs)}; accepted: "
                          "['batch_norm' (False only), 'group_norm_groups', 'layer_norm']")
     if conv_layer_norm and conv_groups is None:
         # MineStudio would put a LayerNorm(channels) on (N, C, H, W) convolution inputs, which fails.
-        raise ValueError("VPTPolicy: init_norm_kwargs layer_norm=True needs group_norm_groups for the convolutions")
-    impala_kwargs = dict(take("impala_kwargs", {}) or {})
+        raise ValueError("VPTConfig: init_norm_kwargs layer_norm=True needs group_norm_groups for the convolutions")
+    # With group_norm_groups set, layer_norm only adds the dense LayerNorms, which groups turn on anyway.
+    return conv_groups
+
+
+def _parse_impala_kwargs(impala_kwargs: Mapping[str, Any] | None) -> int | None:
+    """``impala_kwargs`` -> :attr:`VPTConfig.post_pool_groups`."""
+    impala_kwargs = dict(impala_kwargs or {})
     post_pool_groups = impala_kwargs.pop("post_pool_groups", None)
     if impala_kwargs:
-        raise ValueError(f"VPTPolicy: unknown impala_kwargs {sorted(impala_kwargs)}; accepted: ['post_pool_groups']")
+        raise ValueError(f"VPTConfig: unknown impala_kwargs {sorted(impala_kwargs)}; accepted: ['post_pool_groups']")
+    return post_pool_groups
 
-    img_shape = tuple(int(s) for s in take("img_shape", None) or ())
-    if len(img_shape) != 3 or img_shape[2] != 3:
-        raise ValueError(f"VPTPolicy: img_shape must be (height, width, 3), got {img_shape}")
-    timesteps = take("timesteps", None)
+
+def _take_plain_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the required ``img_shape`` and ``timesteps`` and the optional plain fields from ``kwargs``."""
+    img_shape = kwargs.pop("img_shape", None) or ()  # required: VPTConfig rejects the empty shape, naming it
+    timesteps = kwargs.pop("timesteps", None)
     if timesteps is None:
         raise ValueError(
-            "VPTPolicy: timesteps is required (the transformer memory is attention_memory_size - timesteps)"
+            "VPTConfig: timesteps is required (the transformer memory is attention_memory_size - timesteps)"
         )
+    fields = {name: convert(kwargs.pop(name)) for name, convert in _PLAIN_FIELDS.items() if name in kwargs}
+    return {"img_shape": img_shape, "timesteps": int(timesteps), **fields}
 
-    config = VPTConfig(
-        hidsize=int(take("hidsize", 512)),
-        img_shape=img_shape,
-        impala_width=take("impala_width", 1),
-        impala_chans=tuple(take("impala_chans", (16, 32, 32))),
-        conv_groups=conv_groups,
-        dense_layer_norm=conv_groups is not None or conv_layer_norm,
-        post_pool_groups=post_pool_groups,
-        first_conv_norm=bool(take("first_conv_norm", False)),
-        scale_input_img=bool(take("scale_input_img", True)),
-        attention_heads=int(take("attention_heads", 8)),
-        attention_memory_size=int(take("attention_memory_size", 2048)),
-        timesteps=int(timesteps),
-        n_recurrence_layers=int(take("n_recurrence_layers", 1)),
-        use_pointwise_layer=bool(take("use_pointwise_layer", True)),
-        pointwise_ratio=take("pointwise_ratio", 4),
-        pointwise_use_activation=bool(take("pointwise_use_activation", False)),
-        recurrence_is_residual=bool(take("recurrence_is_residual", True)),
-        use_pre_lstm_ln=bool(take("use_pre_lstm_ln", True)),
+
+def _foundation(hidsize: int, heads: int, impala_width: int) -> VPTConfig:
+    return VPTConfig(
+        hidsize=hidsize, img_shape=(128, 128, 3), impala_width=impala_width, impala_chans=(16, 32, 32),
+        conv_groups=1, post_pool_groups=1, attention_heads=heads, attention_memory_size=256, timesteps=128,
+        n_recurrence_layers=4, use_pre_lstm_ln=False,
     )
-    if kwargs:
-        raise ValueError(f"VPTPolicy: unknown policy_kwargs {sorted(kwargs)}")
-    if config.maxlen <= 0:
-        raise ValueError(
-            f"VPTPolicy: attention_memory_size ({config.attention_memory_size}) must exceed timesteps "
-            f"({config.timesteps}): the memory holds attention_memory_size - timesteps frames"
+
+
+def _small(hidsize: int, heads: int, memory: int, timesteps: int) -> VPTConfig:
+    return dataclasses.replace(
+        _foundation(hidsize, heads, impala_width=1),
+        img_shape=(64, 64, 3), n_recurrence_layers=2, attention_memory_size=memory, timesteps=timesteps,
+    )
+
+
+_PRESETS: dict[str, VPTConfig] = {
+    "tiny": dataclasses.replace(_small(hidsize=64, heads=4, memory=10, timesteps=4), impala_chans=(8, 16, 16)),
+    "small": _small(hidsize=256, heads=4, memory=64, timesteps=32),
+    "1x": _foundation(hidsize=1024, heads=16, impala_width=4),
+    "2x": _foundation(hidsize=2048, heads=16, impala_width=8),
+    "3x": _foundation(hidsize=3072, heads=24, impala_width=12),
+}
+
+
+class _DeprecatedPresetKwargs(Mapping[str, dict[str, Any]]):
+    """``vpt_configs[name]``: a preset's MineStudio ``policy_kwargs``, with a ``DeprecationWarning``."""
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        warnings.warn(
+            f"mstudio.models.vpt_configs is deprecated and will be removed in mstudio 0.2: use "
+            f"VPTPolicy.from_preset({name!r}) or VPTConfig.preset({name!r}) (its MineStudio policy_kwargs: "
+            f"VPTConfig.preset({name!r}).to_policy_kwargs())",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    if config.hidsize % config.attention_heads:
-        raise ValueError(
-            f"VPTPolicy: hidsize {config.hidsize} is not divisible by attention_heads {config.attention_heads}"
-        )
-    return config
+        return VPTConfig.preset(name).to_policy_kwargs()
+
+    # Mapping's `in` and get() look the key up and expect KeyError; an unknown preset raises ValueError instead.
+    def __contains__(self, name: object) -> bool:
+        return name in _PRESETS
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in _PRESETS else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_PRESETS)
+
+    def __len__(self) -> int:
+        return len(_PRESETS)
+
+    def __repr__(self) -> str:
+        return f"vpt_configs({list(_PRESETS)}; deprecated, use VPTConfig.preset(name))"
+
+
+#: Deprecated: ``vpt_configs[name]`` is ``VPTConfig.preset(name).to_policy_kwargs()`` (read-only).
+vpt_configs: Mapping[str, dict[str, Any]] = _DeprecatedPresetKwargs()

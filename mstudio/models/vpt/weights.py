@@ -1,5 +1,6 @@
-"""Loading VPT weights: OpenAI ``.weights`` files, MineStudio Lightning checkpoints, plain state dicts, and
-MineStudio's Hugging Face layout (``config.json`` + ``model.safetensors``) from a local folder. Never downloads.
+"""Loading VPT weights: OpenAI ``.weights`` files, MineStudio Lightning checkpoints, plain state dicts,
+MineStudio's Hugging Face layout (``config.json`` + ``model.safetensors``) from a local folder, and mstudio's
+single-file ``.safetensors`` exports (config in the file's metadata). Never downloads.
 """
 
 from __future__ import annotations
@@ -11,8 +12,17 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+__all__ = [
+    "LIGHTNING_PREFIX", "MSTUDIO_FORMAT", "check_state_dict", "from_pretrained", "load_vpt_weights",
+    "policy_state_dict", "read_safetensors",
+]
+
 #: Prefix of the policy's keys inside a MineStudio (``MineLightning``) checkpoint.
 LIGHTNING_PREFIX = "mine_policy."
+
+#: ``metadata["format"]`` of mstudio's single-file ``.safetensors`` policy export (``mstudio.trainer``'s
+#: ``export_policy``), whose ``metadata["config"]`` holds the JSON of MineStudio's ``config.json``.
+MSTUDIO_FORMAT = "mstudio-policy"
 
 
 def policy_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
@@ -64,47 +74,96 @@ def load_vpt_weights(policy: nn.Module, path: str | Path) -> nn.Module:
     return policy
 
 
-def read_safetensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a ``.safetensors`` file (needs the optional ``safetensors`` package)."""
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the string metadata (``{}`` when none) of a ``.safetensors`` file."""
     try:
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
     except ImportError as error:
         raise ImportError(
             f"reading {path} needs the 'safetensors' package (pip install safetensors); torch cannot read the format"
         ) from error
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), "pt") as file:
+            return {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {error}") from error
 
 
-def from_pretrained(cls: type, local_dir: str | Path) -> nn.Module:
-    """Build ``cls(**config)`` from ``local_dir/config.json`` and load ``local_dir/model.safetensors``.
+def from_pretrained(cls: type, path: str | Path) -> nn.Module:
+    """Build ``cls(temperature=t, **policy_kwargs)`` from a local folder or file and load its weights.
 
-    ``config.json`` is MineStudio's ``PyTorchModelHubMixin`` layout: ``{"policy_kwargs": {...}, ...}`` with an
-    optional ``temperature``. Falls back to ``pytorch_model.bin`` (read with ``weights_only=True``).
+    Args:
+        cls: the policy class (:class:`~mstudio.models.VPTPolicy`).
+        path: either a folder in MineStudio's ``PyTorchModelHubMixin`` layout, ``config.json`` (``{"policy_kwargs":
+            {...}, "temperature": t}``, ``temperature`` optional) beside ``model.safetensors`` (or
+            ``pytorch_model.bin``, read with ``weights_only=True``); or one ``.safetensors`` file written by mstudio's
+            exporter, whose metadata holds ``{"format": "mstudio-policy", "config": <the same JSON as config.json>}``.
+
+    Raises:
+        FileNotFoundError: when the folder has no ``config.json`` or no weights file (nothing is ever downloaded).
+        ValueError: for a ``.safetensors`` file without mstudio's metadata, a config this port does not support,
+            or weights that do not fit the config (listing each offending key).
     """
-    local_dir = Path(local_dir)
-    config_path = local_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{config_path} not found; from_pretrained reads a local folder (config.json + model.safetensors) "
-            "and never downloads"
-        )
-    config = json.loads(config_path.read_text())
-    if "policy_kwargs" not in config:
-        raise ValueError(f"{config_path} has no 'policy_kwargs' (keys: {sorted(config)})")
-    unknown = sorted(set(config) - {"policy_kwargs", "temperature", "action_space", "nucleus_prob"})
-    if unknown:
-        raise ValueError(f"{config_path}: unsupported entries {unknown}")
-    if config.get("action_space") is not None or config.get("nucleus_prob") is not None:
-        raise ValueError(f"{config_path}: only the default action space and no nucleus sampling are supported")
-    policy = cls(temperature=config.get("temperature", 1.0), **config["policy_kwargs"])
-    weights = local_dir / "model.safetensors"
-    if weights.is_file():
-        state = read_safetensors(weights)
-    elif (local_dir / "pytorch_model.bin").is_file():
-        weights = local_dir / "pytorch_model.bin"
-        state = policy_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    path = Path(path)
+    if path.suffix == ".safetensors" and not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found; from_pretrained reads local files and never downloads")
+        state, metadata = read_safetensors(path)
+        config, weights = _exported_config(path, metadata), path
     else:
-        raise FileNotFoundError(f"{local_dir} has neither model.safetensors nor pytorch_model.bin")
+        config = _hub_config(path)
+        state, weights = _hub_weights(path)
+    policy = cls(temperature=config.get("temperature", 1.0), **config["policy_kwargs"])
     check_state_dict(policy, state, str(weights))
     policy.load_state_dict(state, strict=True)
     return policy
+
+
+def _check_config(config: object, source: str) -> dict:
+    """Raise ``ValueError`` unless ``config`` is a MineStudio hub config this port supports; return it."""
+    if not isinstance(config, dict) or "policy_kwargs" not in config:
+        found = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{source} has no 'policy_kwargs' (keys: {found})")
+    unknown = sorted(set(config) - {"policy_kwargs", "temperature", "action_space", "nucleus_prob"})
+    if unknown:
+        raise ValueError(f"{source}: unsupported entries {unknown}")
+    if config.get("action_space") is not None or config.get("nucleus_prob") is not None:
+        raise ValueError(f"{source}: only the default action space and no nucleus sampling are supported")
+    return config
+
+
+def _hub_config(local_dir: Path) -> dict:
+    config_path = local_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{config_path} not found; from_pretrained reads a local folder (config.json + model.safetensors) or an "
+            "mstudio .safetensors export, and never downloads (for .weights or .ckpt files use load_vpt_weights)"
+        )
+    return _check_config(json.loads(config_path.read_text()), str(config_path))
+
+
+def _hub_weights(local_dir: Path) -> tuple[dict[str, Tensor], Path]:
+    """The tensors of ``local_dir``'s ``model.safetensors`` (preferred) or ``pytorch_model.bin``, and that path."""
+    if (local_dir / "model.safetensors").is_file():
+        return read_safetensors(local_dir / "model.safetensors")[0], local_dir / "model.safetensors"
+    if (local_dir / "pytorch_model.bin").is_file():
+        checkpoint = torch.load(local_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return policy_state_dict(checkpoint), local_dir / "pytorch_model.bin"
+    raise FileNotFoundError(f"{local_dir} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _exported_config(path: Path, metadata: Mapping[str, str]) -> dict:
+    """The config in an mstudio export's safetensors metadata."""
+    if metadata.get("format") != MSTUDIO_FORMAT or "config" not in metadata:
+        raise ValueError(
+            f"{path} holds weights but no config (its safetensors metadata keys are {sorted(metadata)}, "
+            f"format {metadata.get('format')!r}; an mstudio export has format {MSTUDIO_FORMAT!r} and 'config'), so "
+            "the architecture is unknown: put it in a folder as model.safetensors beside MineStudio's config.json, "
+            "or build the policy with its config and load the tensors with "
+            "policy.load_state_dict(safetensors.torch.load_file(path))"
+        )
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: safetensors metadata 'config' is not JSON ({error})") from error
+    return _check_config(config, f"{path} (metadata 'config')")
