@@ -17,7 +17,7 @@ _ATTRIBUTES = {
     "make_train_step": "mstudio.train",
     "set_hyperparams": "mstudio.train",
 }
-_SUBMODULES = ("actions", "bridge", "data", "distributions", "models", "optim", "policy", "train")
+_SUBMODULES = ("actions", "bridge", "compat", "data", "distributions", "models", "optim", "policy", "train", "trainer")
 
 __all__ = sorted([*_ATTRIBUTES, *_SUBMODULES])
 

@@ -62,7 +62,7 @@ def test_compiled_equals_eager(runs):
     (eager_state, eager_hist), (comp_state, comp_hist) = runs[False], runs[True]
     for (_, eager), (_, comp) in zip(eager_hist, comp_hist):
         for key in eager:
-            torch.testing.assert_close(comp[key], eager[key], rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(comp[key], eager[key], rtol=1e-5, atol=1e-5, equal_nan=True, msg=key)
     close = optree.tree_map(lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5), comp_state, eager_state)
     assert all(optree.tree_leaves(close))
     assert comp_state.step.item() == 6

@@ -6,16 +6,17 @@ same outputs for the same weights), see ``models/vpt/body.py`` there.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mstudio.models.vpt.config import VPTConfig, parse_policy_kwargs
+from mstudio.models.vpt.config import VPTConfig
 from mstudio.models.vpt.impala import FanInReLU, ImgObsProcess
 from mstudio.models.vpt.transformer import ResidualRecurrentBlocks
-from mstudio.policy import N_BUTTONS, N_CAMERA
+from mstudio.policy import N_BUTTONS, N_CAMERA, DictActionHead, get_action
 
 
 class MinecraftPolicy(nn.Module):
@@ -76,12 +77,30 @@ class ValueHead(nn.Module):
         return self.linear(x)
 
 
+def _config_from(config: VPTConfig | None, policy_kwargs: Mapping[str, Any]) -> VPTConfig:
+    """``VPTPolicy``'s architecture argument: a :class:`VPTConfig` or MineStudio's ``policy_kwargs``, one of them."""
+    if config is None and not policy_kwargs:
+        raise TypeError("VPTPolicy needs an architecture: VPTPolicy.from_preset('1x'), VPTPolicy(VPTConfig(...)) "
+                        "or VPTPolicy(**policy_kwargs) with MineStudio's policy_kwargs")
+    if config is None:
+        return VPTConfig.from_policy_kwargs(policy_kwargs)
+    if not isinstance(config, VPTConfig):
+        raise TypeError(f"VPTPolicy: config must be a VPTConfig (e.g. VPTConfig.preset('1x')), got "
+                        f"{type(config).__name__} {config!r}; temperature is keyword-only: "
+                        "VPTPolicy(config, temperature=t)")
+    if policy_kwargs:
+        raise ValueError(f"VPTPolicy got both a VPTConfig and policy_kwargs {sorted(policy_kwargs)}; pass one: "
+                         "VPTPolicy(dataclasses.replace(config, ...)) or VPTPolicy(**policy_kwargs)")
+    return config
+
+
 class VPTPolicy(nn.Module):
     """The VPT policy (OpenAI's Video PreTraining network) with MineStudio's action and value heads.
 
     Args:
-        **policy_kwargs: MineStudio's ``policy_kwargs`` (see :data:`mstudio.models.vpt_configs`); unknown
-            or unsupported values raise ``ValueError``.
+        config: the architecture (:meth:`VPTConfig.preset` gives the named sizes); or, instead of it,
+        **policy_kwargs: MineStudio's ``policy_kwargs``, read by :meth:`VPTConfig.from_policy_kwargs` (unknown or
+            unsupported values raise ``ValueError``).
         temperature: divides the action logits before the log-softmax (MineStudio's ``temperature``).
 
     Memory (``initial_state(B)``): a flat tuple with three tensors per transformer layer, as MineStudio's
@@ -92,25 +111,34 @@ class VPTPolicy(nn.Module):
     (``first`` is all False); a trainer resets the memory between chunks instead.
     """
 
-    def __init__(self, temperature: float = 1.0, **policy_kwargs: Any):
+    def __init__(self, config: VPTConfig | None = None, *, temperature: float = 1.0, **policy_kwargs: Any):
         super().__init__()
-        self.config = parse_policy_kwargs(policy_kwargs)
+        self.config = _config_from(config, policy_kwargs)
         hidsize = self.config.hidsize
         # Registration order value_head, pi_head, net gives MineStudio's state_dict key order.
         self.value_head = ValueHead(hidsize)
-        self.pi_head = nn.ModuleDict({
+
+        # MineStudio's pi_head API (logprob / entropy / sample) over the same children and state_dict keys.
+        self.pi_head = DictActionHead({
             "buttons": CategoricalHead(hidsize, N_BUTTONS, temperature),
             "camera": CategoricalHead(hidsize, N_CAMERA, temperature),
         })
         self.net = MinecraftPolicy(self.config)
 
     @classmethod
-    def from_pretrained(cls, local_dir) -> "VPTPolicy":
-        """A policy from MineStudio's Hugging Face layout already on disk (``config.json`` +
-        ``model.safetensors``); see :func:`mstudio.models.vpt.weights.from_pretrained`. Never downloads."""
+    def from_preset(cls, name: str, *, temperature: float = 1.0) -> "VPTPolicy":
+        """A freshly initialised policy of the named size (see :meth:`VPTConfig.preset`: ``tiny``, ``small``,
+        ``1x``, ``2x``, ``3x``); an unknown name raises ``ValueError`` listing the known ones."""
+        return cls(VPTConfig.preset(name), temperature=temperature)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "VPTPolicy":
+        """A policy from a folder in MineStudio's Hugging Face layout (``config.json`` + ``model.safetensors``) or
+        from an mstudio ``.safetensors`` export (config in its metadata); see
+        :func:`mstudio.models.vpt.weights.from_pretrained`. Never downloads."""
         from mstudio.models.vpt.weights import from_pretrained
 
-        return from_pretrained(cls, local_dir)
+        return from_pretrained(cls, path)
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         """Empty memory: per layer ``(mask False (B, 1, maxlen), K zeros, V zeros (B, maxlen, hidsize))``."""
@@ -135,10 +163,34 @@ class VPTPolicy(nn.Module):
         self._check_inputs(image, state_in)
         features, state_out = self.net(image, tuple(state_in))
         latents = {
-            "pi_logits": {name: head(features) for name, head in self.pi_head.items()},
+            "pi_logits": self.pi_head(features),
             "vpred": self.value_head(features),
         }
         return latents, state_out
+
+    def get_action(
+        self,
+        obs: Mapping[str, Any],
+        state_in: tuple[Tensor, ...] | list[Tensor] | None,
+        *,
+        deterministic: bool = False,
+        input_shape: str = "BT*",
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+        """Act, as MineStudio's ``MinePolicy.get_action``, without gradients (see :func:`mstudio.policy.get_action`).
+
+        Args:
+            obs: ``{"image": uint8 (B, T, H, W, 3)}`` with ``input_shape="BT*"``, or one frame ``{"image": uint8
+                (H, W, 3)}`` (numpy or torch) with ``input_shape="*"``.
+            state_in: the previous call's ``state_out``, or ``None`` at an episode's start.
+            deterministic: argmax of each head instead of a sample.
+            input_shape: ``"BT*"`` or ``"*"``.
+
+        Returns:
+            ``({"buttons": long (B, T, 1), "camera": long (B, T, 1)}, state_out)``; for ``"*"`` the actions are
+            ``(1,)`` and the state has no batch dim. ``mstudio.actions.agent_to_env(action)`` gives the env's
+            buttons and camera degrees.
+        """
+        return get_action(self, obs, state_in, deterministic=deterministic, input_shape=input_shape)
 
     def _check_inputs(self, image: Tensor, state_in) -> None:
         """Raise ``ValueError`` naming what came and what is needed (shapes are static: free under compile)."""
@@ -165,5 +217,5 @@ class VPTPolicy(nn.Module):
         """``(shape, dtype)`` of each leaf of :meth:`initial_state` ``(batch_size)``, without allocating."""
         c = self.config
         mask = ((batch_size, 1, c.maxlen), torch.bool)
-        kv = ((batch_size, c.maxlen, c.hidsize), torch.float32)
+        kv = ((batch_size, c.maxlen, c.hidsize), self.net.final_ln.weight.dtype)  # as initial_state: the params'
         return [mask, kv, kv] * c.n_recurrence_layers
