@@ -10,9 +10,8 @@ import losses
 from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, RandomWindows, WindowDataset
 from mstudio.data.synthetic import fill_store
 from mstudio.models import VPTPolicy
-from mstudio.models.vpt.config import VPTConfig
 from mstudio.optim import GradientTransformation, adamw
-from mstudio.trainer.config import ConfigError, DataConfig, OptimizerConfig, PolicyConfig, TrainConfig
+from mstudio.trainer.config import ConfigError, DataConfig, OptimizerConfig, PolicyConfig
 
 __all__ = ["HYPERPARAM_NAMES", "build_loaders", "build_objective", "build_optimizer", "build_policy", "open_store",
            "policy_config"]

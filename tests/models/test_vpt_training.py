@@ -1,7 +1,6 @@
 """Three BC steps of VPT tiny through make_train_step against MineStudio's MineLightning (fixtures made by
 tests/fixtures/vpt/make_fixtures.py), and the compiled step: one graph, no recompiles, equal to eager."""
 
-import functools
 from pathlib import Path
 
 import optree
@@ -14,7 +13,7 @@ from mstudio.models import VPTPolicy
 from tests.support.compile_checks import assert_step_is_one_graph
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vpt"
-OBJECTIVE = functools.partial(losses.behavior_clone, weight=0.01)
+OBJECTIVE = losses.weighted(losses.behavior_clone, 0.01)
 METRICS = ("loss", "camera_loss", "button_loss", "entropy")
 
 

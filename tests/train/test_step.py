@@ -1,7 +1,6 @@
 """The eager train step: MineStudio's semantics, purity, memory carry, metrics and errors."""
 
 import copy
-import functools
 
 import optree
 import pytest
@@ -109,7 +108,7 @@ def test_grad_norm_is_the_pre_clip_global_norm():
     batch = random_batch(2, 4, 8)
     _, metrics = step(state, batch)
     latents, _ = policy(batch, policy.initial_state(2))
-    losses.behavior_clone(batch, latents, {}, weight=0.01)["loss"].backward()
+    losses.weighted(losses.behavior_clone, 0.01)(batch, latents, {})["loss"].backward()
     expected = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], 1e9)
     assert metrics["grad_norm"].item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -131,7 +130,7 @@ def test_the_two_gradient_implementations_agree():
     optimizer = mstudio.optim.adamw(1e-3, weight_decay=0.1, warmup_steps=2, clip_norm=1.0)
     state = mstudio.init_state(policy, optimizer, 2)
     apply_fn, _, _ = mstudio.functionalize(policy)
-    objective = functools.partial(losses.behavior_clone, weight=0.01)
+    objective = losses.weighted(losses.behavior_clone, 0.01)
     reached = frozenset(k for k in state.params if not k.startswith("value"))
     batch = random_batch(2, 4, 16)
     a = train_step_function(apply_fn, objective, optimizer, reached, value_and_grad_func)(state, batch)
