@@ -1,8 +1,8 @@
 """Objectives: pure functions ``(batch, latents, params) -> {"loss": scalar, **metrics}``.
 
-Importable on its own (it needs only torch and :mod:`mstudio.distributions`, never the trainer). The contract
-(what an objective receives and returns, the step counter and hyper-parameters it may read) is in
-:mod:`losses.api`. Combine and weight objectives with :func:`combine` and :func:`weighted`::
+Importable on its own (it needs only torch, :mod:`mstudio.distributions` and :mod:`mstudio.actions`, never
+the trainer, the data stack or the models). The contract (what an objective receives and returns, the step
+counter and hyper-parameters it may read) is in :mod:`losses.api`. Combine and weight objectives with :func:`combine` and :func:`weighted`::
 
     objective = losses.combine(losses.weighted(losses.behavior_clone, 0.01), losses.kl_gaussian)
     out = objective(batch, latents, params)
@@ -23,6 +23,7 @@ It compiles into the train step as it is; ``mstudio.set_hyperparams(state, v_w=0
 mid-run without a recompile.
 """
 
+from losses import api
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Hyperparam, Objective, Schedule, hyperparams_of
 from losses.behavior_clone import behavior_clone
 from losses.combinators import combine, weighted
@@ -34,9 +35,14 @@ __all__ = [
     "Hyperparam",
     "Objective",
     "Schedule",
+    "api",
     "behavior_clone",
     "combine",
     "hyperparams_of",
     "kl_gaussian",
     "weighted",
 ]
+
+
+def __dir__() -> list[str]:
+    return __all__

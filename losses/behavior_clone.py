@@ -10,7 +10,7 @@ from torch import Tensor
 
 from losses._keys import require, step_mask
 from mstudio import distributions
-from mstudio.policy import CAMERA_NULL
+from mstudio.actions import CAMERA_NULL
 
 __all__ = ["behavior_clone"]
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from losses._keys import require
-from mstudio.distributions import gaussian_kl
+from mstudio.distributions import diagonal_gaussian_kl
 
 __all__ = ["kl_gaussian"]
 
@@ -32,7 +32,7 @@ def kl_gaussian(
     for name, dist in (("posterior_dist", posterior), ("prior_dist", prior)):
         for key in ("mu", "log_var"):
             require(dist, key, f"latents[{name!r}]", "kl_gaussian")
-    kl = gaussian_kl(posterior["mu"], posterior["log_var"], prior["mu"], prior["log_var"])
+    kl = diagonal_gaussian_kl(posterior["mu"], posterior["log_var"], prior["mu"], prior["log_var"])
     if weight is None:
         weight = 1.0
     else:

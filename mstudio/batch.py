@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from mstudio.policy import N_BUTTONS, N_CAMERA
+from mstudio.actions import N_BUTTONS, N_CAMERA
 
 __all__ = ["ACTION_CLASSES", "check_batch", "normalize_batch"]
 

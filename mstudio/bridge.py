@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import optree
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+__all__ = ["ApplyFn", "Params", "check_stateless_forward", "detach_tree", "functionalize"]
 
 Params = dict[str, Tensor]
 ApplyFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Mapping[str, Any], Any], tuple[dict, Any]]

@@ -35,7 +35,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 import losses
 from mstudio.batch import check_batch, normalize_batch
 from mstudio.bridge import functionalize
-from mstudio.distributions import gaussian_kl
+from mstudio.distributions import diagonal_gaussian_kl
 from mstudio.optim import adamw
 from mstudio.policy import check_policy
 from mstudio.train import TrainState, carry_memory, episode_starts, init_state, make_train_step
@@ -144,7 +144,7 @@ class KLDivergenceCallback(ObjectiveCallback):
 
     def kl_divergence(self, q_mu: Tensor, q_log_var: Tensor, p_mu: Tensor, p_log_var: Tensor) -> Tensor:
         """``KL(q || p)`` of diagonal Gaussians, float ``(B, D)`` each -> ``(B,)`` (MineStudio's helper method)."""
-        return gaussian_kl(q_mu, q_log_var, p_mu, p_log_var)
+        return diagonal_gaussian_kl(q_mu, q_log_var, p_mu, p_log_var)
 
 
 #: Callbacks whose exact type maps to a pure objective (a subclass may override ``__call__``, so it does not).

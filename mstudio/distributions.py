@@ -6,15 +6,31 @@ float ``(..., 1, K)`` **log-softmax** values and its actions long ``(..., 1)`` (
 they return ``(...)`` (``(B, T)`` for a batch of windows), as MineStudio's ``CategoricalActionHead``
 ``logprob`` / ``entropy`` do. The dict versions apply a function to every head of ``pi_logits``.
 
-Also here: the KL divergence between diagonal Gaussians that ``KLDivergenceCallback`` uses.
+Also here: the KL divergence between diagonal Gaussians that ``KLDivergenceCallback`` uses
+(:func:`diagonal_gaussian_kl`).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "categorical_entropy",
+    "categorical_kl",
+    "categorical_logprob",
+    "categorical_mode",
+    "categorical_sample",
+    "diagonal_gaussian_kl",
+    "entropy",
+    "logprob",
+    "mode",
+    "per_head_kl",
+    "sample",
+]
 
 
 def _check_logits(logits: Tensor, head: str) -> None:
@@ -93,8 +109,12 @@ def entropy(pi_logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {head: categorical_entropy(logits, head=head) for head, logits in pi_logits.items()}
 
 
-def kl_divergence(pi_logits_p: Mapping[str, Tensor], pi_logits_q: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """:func:`categorical_kl` of every head (``KL(p || q)``); sum the values for the joint action's KL."""
+def per_head_kl(pi_logits_p: Mapping[str, Tensor], pi_logits_q: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """:func:`categorical_kl` of every head: head -> ``KL(p || q)`` float ``(...)``.
+
+    The heads are independent, so the joint action's KL is the sum of the values (what MineStudio's
+    ``pi_head.kl_divergence`` returns, see :meth:`mstudio.policy.DictActionHead.kl_divergence`).
+    """
     if set(pi_logits_p) != set(pi_logits_q):
         raise ValueError(f"KL needs the same heads on both sides; got {sorted(pi_logits_p)} and {sorted(pi_logits_q)}")
     return {head: categorical_kl(lp, pi_logits_q[head], head=head) for head, lp in pi_logits_p.items()}
@@ -110,7 +130,7 @@ def mode(pi_logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {head: categorical_mode(logits) for head, logits in pi_logits.items()}
 
 
-def gaussian_kl(q_mu: Tensor, q_log_var: Tensor, p_mu: Tensor, p_log_var: Tensor) -> Tensor:
+def diagonal_gaussian_kl(q_mu: Tensor, q_log_var: Tensor, p_mu: Tensor, p_log_var: Tensor) -> Tensor:
     """KL divergence ``KL(q || p)`` between diagonal Gaussians given means and log-variances.
 
     ``-0.5 * sum_D(1 + (lq - lp) - exp(lq - lp) - (mq - mp)^2 / exp(lp))``, evaluated in the same order as
@@ -125,8 +145,21 @@ def gaussian_kl(q_mu: Tensor, q_log_var: Tensor, p_mu: Tensor, p_log_var: Tensor
     shapes = {tuple(t.shape) for t in (q_mu, q_log_var, p_mu, p_log_var)}
     if len(shapes) != 1:
         raise ValueError(
-            "gaussian_kl needs q_mu, q_log_var, p_mu, p_log_var of one shape; got "
+            "diagonal_gaussian_kl needs q_mu, q_log_var, p_mu, p_log_var of one shape; got "
             f"{tuple(q_mu.shape)}, {tuple(q_log_var.shape)}, {tuple(p_mu.shape)}, {tuple(p_log_var.shape)}"
         )
     log_ratio = q_log_var - p_log_var
     return -0.5 * torch.sum(1 + log_ratio - log_ratio.exp() - (q_mu - p_mu).pow(2) / p_log_var.exp(), dim=-1)
+
+
+#: Old name -> new name; the old names still work and warn.
+_DEPRECATED = {"kl_divergence": "per_head_kl", "gaussian_kl": "diagonal_gaussian_kl"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED:
+        new = _DEPRECATED[name]
+        warnings.warn(f"mstudio.distributions.{name} is deprecated: it is now {new} (same arguments and result)",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,17 +29,7 @@ from torch import Tensor, nn
 
 from mstudio import distributions
 
-#: Number of classes of VPT's joint button head (8640 combinations + the inventory token).
-N_BUTTONS = 8641
-#: Number of classes of VPT's joint camera head (11 x 11 mu-law bins).
-N_CAMERA = 121
-#: Camera class meaning "the camera did not move" (pitch bin 5, yaw bin 5).
-CAMERA_NULL = 60
-
-__all__ = [
-    "CAMERA_NULL", "N_BUTTONS", "N_CAMERA", "DictActionHead", "Latents", "Policy", "State", "check_policy",
-    "get_action",
-]
+__all__ = ["DictActionHead", "Latents", "Policy", "State", "check_policy", "get_action"]
 
 State = Any  # a pytree of tensors, batch on dim 0 of every leaf
 Latents = dict[str, Any]
@@ -108,7 +98,7 @@ class DictActionHead(nn.ModuleDict):
     def kl_divergence(self, logits_q: Mapping[str, Tensor], logits_p: Mapping[str, Tensor]) -> Tensor:
         """``KL(q || p)`` of the joint action, summed over heads: float ``(B, T, 1)`` (MineStudio keeps the dim)."""
         q, p = self._heads_of(logits_q, "logits_q"), self._heads_of(logits_p, "logits_p")
-        per_head = distributions.kl_divergence(q, p)
+        per_head = distributions.per_head_kl(q, p)
         return sum(per_head.values()).unsqueeze(-1)
 
 

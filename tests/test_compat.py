@@ -265,7 +265,7 @@ def test_pi_head_keeps_its_state_dict_keys_and_matches_distributions():
     entropy = distributions.entropy(logits)
     assert torch.equal(head.entropy(logits), entropy["buttons"] + entropy["camera"])
     other = random_pi_logits()
-    kl = distributions.kl_divergence(logits, other)
+    kl = distributions.per_head_kl(logits, other)
     torch.testing.assert_close(head.kl_divergence(logits, other), (kl["buttons"] + kl["camera"])[..., None])
     mode = head.sample(logits, deterministic=True)
     assert all(torch.equal(mode[k], logits[k].argmax(-1)) for k in logits)

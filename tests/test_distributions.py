@@ -32,8 +32,8 @@ def test_dict_versions_apply_to_every_head():
     assert {k: v.shape for k, v in actions.items()} == {"buttons": (2, 3, 1), "camera": (2, 3, 1)}
     logp = D.logprob(pi, actions)
     assert all(torch.equal(logp[k], pi[k].max(-1).values.squeeze(-1)) for k in pi)
-    assert set(D.entropy(pi)) == set(D.kl_divergence(pi, pi)) == {"buttons", "camera"}
-    assert all(torch.allclose(v, torch.zeros_like(v)) for v in D.kl_divergence(pi, pi).values())
+    assert set(D.entropy(pi)) == set(D.per_head_kl(pi, pi)) == {"buttons", "camera"}
+    assert all(torch.allclose(v, torch.zeros_like(v)) for v in D.per_head_kl(pi, pi).values())
 
 
 def test_sample_follows_the_distribution():
@@ -45,9 +45,9 @@ def test_sample_follows_the_distribution():
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 
 
-def test_gaussian_kl_is_the_closed_form():
+def test_diagonal_gaussian_kl_is_the_closed_form():
     q_mu, q_lv, p_mu, p_lv = (torch.randn(3, 4, dtype=torch.float64) for _ in range(4))
-    kl = D.gaussian_kl(q_mu, q_lv, p_mu, p_lv)
+    kl = D.diagonal_gaussian_kl(q_mu, q_lv, p_mu, p_lv)
     for b in range(3):
         expected = sum(
             0.5 * (p_lv[b, d] - q_lv[b, d]).item()
@@ -64,4 +64,4 @@ def test_shape_errors_say_what_was_expected():
     with pytest.raises(ValueError, match="integer"):
         D.categorical_logprob(_logits(2, 3, 1, 5), torch.zeros(2, 3, 1))
     with pytest.raises(ValueError, match="same heads"):
-        D.kl_divergence({"a": _logits(1, 1, 3)}, {"b": _logits(1, 1, 3)})
+        D.per_head_kl({"a": _logits(1, 1, 3)}, {"b": _logits(1, 1, 3)})

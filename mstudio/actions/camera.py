@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+__all__ = ["BINSIZE", "MAXVAL", "MU", "NULL_BIN", "N_BINS", "discretize", "undiscretize"]
+
 MAXVAL = 10.0  # degrees; larger motions are clipped
 BINSIZE = 2.0
 MU = 10.0

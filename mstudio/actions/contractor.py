@@ -17,6 +17,17 @@ import numpy as np
 
 from mstudio.actions.mapping import BUTTONS
 
+__all__ = [
+    "CAMERA_MODES",
+    "DEGREES_PER_COUNT",
+    "EXTRA_BUTTONS",
+    "GUI_MOUSE_SCALE",
+    "KEYS",
+    "MOUSE_BUTTONS",
+    "ContractorActions",
+    "contractor_to_env",
+]
+
 DEGREES_PER_COUNT = 360.0 / 2400.0  # MineRL's mouse sensitivity: 0.15
 KEYS = {
     "key.keyboard.escape": "ESC",
@@ -88,75 +99,112 @@ def contractor_to_env(
     Raises:
         ValueError: an unknown ``camera`` mode, or a line that is not a dict (with its index).
     """
-    if camera not in CAMERA_MODES:
-        raise ValueError(f"camera must be one of {CAMERA_MODES}, got {camera!r}")
-    gui_scale = 1.0
-    if gui_scaling_version is not None:
-        gui_scale = GUI_MOUSE_SCALE.get(str(gui_scaling_version), 1.0)
-    n = len(lines)
-    names = (*BUTTONS, *EXTRA_BUTTONS)
-    pressed = {name: np.zeros(n, dtype=np.uint8) for name in names}
-    degrees = np.zeros((n, 2), dtype=np.float64)
-    null = np.zeros(n, dtype=bool)
-    gui_open = np.zeros(n, dtype=bool)
-    hotbar_synthesized = np.zeros(n, dtype=bool)
-    stuck_removed = np.zeros(n, dtype=bool)
-    cursor = np.zeros((n, 2), dtype=np.float64)
-
-    attack_stuck = False
-    last_hotbar = 0
+    gui_scale = _gui_scale(camera, gui_scaling_version)
+    out = _empty_actions(len(lines))
+    pressed = {name: out.env[name] for name in BUTTONS} | out.extra  # button -> its uint8 (N,) array in out
+    attack_stuck, last_hotbar = False, 0
     for i, line in enumerate(lines):
         if not isinstance(line, Mapping):
             raise ValueError(f"jsonl line {i} must be a JSON object, got {type(line).__name__}")
         mouse, keyboard = _field(line, "mouse"), _field(line, "keyboard")
-        new_buttons = list(mouse.get("newButtons") or [])
-        # Attack stuck from the first line: ignore it until it is pressed anew (that line keeps it).
-        if i == 0:
-            attack_stuck = new_buttons == [0]
-        elif attack_stuck and 0 in new_buttons:
-            attack_stuck = False
-        buttons = list(mouse.get("buttons") or [])
-        if attack_stuck and 0 in buttons:
-            buttons = [b for b in buttons if b != 0]
-            stuck_removed[i] = True
-
-        gui_open[i] = bool(line.get("isGuiOpen", False))
-        active = False
-        for key in keyboard.get("keys") or []:
-            if key in KEYS:
-                pressed[KEYS[key]][i] = 1
-                active = True
-        for button in buttons:
-            if button in MOUSE_BUTTONS:
-                pressed[MOUSE_BUTTONS[button]][i] = 1
-                active = True
-        dx, dy = float(mouse.get("dx", 0.0) or 0.0), float(mouse.get("dy", 0.0) or 0.0)
-        if gui_open[i]:
-            dx, dy = dx * gui_scale, dy * gui_scale
-        pitch, yaw = dy * DEGREES_PER_COUNT, dx * DEGREES_PER_COUNT
-        if camera == "vpt_int":
-            pitch, yaw = float(math.trunc(pitch)), float(math.trunc(yaw))
-        degrees[i] = (pitch, yaw)
-        null[i] = not active and dx == 0 and dy == 0
-        if esc_as_inventory and gui_open[i] and pressed["ESC"][i]:
+        buttons, attack_stuck, out.attack_stuck_removed[i] = _release_stuck_attack(i, mouse, attack_stuck)
+        out.gui_open[i] = bool(line.get("isGuiOpen", False))
+        active = _press(pressed, i, keyboard.get("keys") or [], buttons)
+        scale = gui_scale if out.gui_open[i] else 1.0
+        moved, out.env["camera"][i] = _camera_degrees(mouse, scale, camera)
+        out.null[i] = not active and not moved
+        if esc_as_inventory and out.gui_open[i] and pressed["ESC"][i]:
             pressed["inventory"][i] = 1
-        cursor[i] = (float(mouse.get("x", 0.0) or 0.0), float(mouse.get("y", 0.0) or 0.0))
+        out.cursor[i] = (float(mouse.get("x", 0.0) or 0.0), float(mouse.get("y", 0.0) or 0.0))
+        last_hotbar = _track_hotbar(pressed, out.hotbar_synthesized, i, line.get("hotbar"), last_hotbar)
+    return out
 
-        hotbar = line.get("hotbar")  # absent before recorder 6.11: no tracking on that line
-        if hotbar is not None:
-            if hotbar != last_hotbar:
-                pressed[f"hotbar.{int(hotbar) + 1}"][i] = 1
-                hotbar_synthesized[i] = True
-            last_hotbar = hotbar
 
-    env = {name: pressed[name] for name in BUTTONS}
-    env["camera"] = degrees
+def _gui_scale(camera: str, gui_scaling_version: str | None) -> float:
+    """The dx/dy factor while a GUI is open (1 without a known version), after checking the ``camera`` mode."""
+    if camera not in CAMERA_MODES:
+        raise ValueError(f"camera must be one of {CAMERA_MODES}, got {camera!r}")
+    if gui_scaling_version is None:
+        return 1.0
+    return GUI_MOUSE_SCALE.get(str(gui_scaling_version), 1.0)
+
+
+def _empty_actions(n: int) -> ContractorActions:
+    """All-zero actions for ``n`` lines: nothing pressed, no camera motion, every flag False."""
+    env: dict[str, np.ndarray] = {name: np.zeros(n, dtype=np.uint8) for name in BUTTONS}
+    env["camera"] = np.zeros((n, 2), dtype=np.float64)
     return ContractorActions(
         env=env,
-        extra={name: pressed[name] for name in EXTRA_BUTTONS},
-        null=null,
-        gui_open=gui_open,
-        hotbar_synthesized=hotbar_synthesized,
-        attack_stuck_removed=stuck_removed,
-        cursor=cursor,
+        extra={name: np.zeros(n, dtype=np.uint8) for name in EXTRA_BUTTONS},
+        null=np.zeros(n, dtype=bool),
+        gui_open=np.zeros(n, dtype=bool),
+        hotbar_synthesized=np.zeros(n, dtype=bool),
+        attack_stuck_removed=np.zeros(n, dtype=bool),
+        cursor=np.zeros((n, 2), dtype=np.float64),
     )
+
+
+def _release_stuck_attack(i: int, mouse: Mapping[str, Any], attack_stuck: bool) -> tuple[list, bool, bool]:
+    """The mouse buttons held on line ``i`` once the "attack stuck at start" fix is applied.
+
+    An attack held from the first line (``newButtons == [0]`` there) is ignored until it is pressed anew;
+    the line that presses it anew keeps it.
+
+    Returns:
+        ``(buttons, attack_stuck, removed)``: the held buttons, whether attack is still stuck for the next
+        line, and whether a held attack was removed from this line.
+    """
+    new_buttons = list(mouse.get("newButtons") or [])
+    if i == 0:
+        attack_stuck = new_buttons == [0]
+    elif attack_stuck and 0 in new_buttons:
+        attack_stuck = False
+    buttons = list(mouse.get("buttons") or [])
+    if attack_stuck and 0 in buttons:
+        return [b for b in buttons if b != 0], attack_stuck, True
+    return buttons, attack_stuck, False
+
+
+def _press(pressed: dict[str, np.ndarray], i: int, keys: Sequence[str], buttons: Sequence[int]) -> bool:
+    """Set line ``i`` of the env buttons the mapped keyboard ``keys`` and mouse ``buttons`` stand for.
+
+    Returns:
+        whether any key or mouse button was mapped (unmapped ones are ignored, as VPT does).
+    """
+    active = False
+    for key in keys:
+        if key in KEYS:
+            pressed[KEYS[key]][i] = 1
+            active = True
+    for button in buttons:
+        if button in MOUSE_BUTTONS:
+            pressed[MOUSE_BUTTONS[button]][i] = 1
+            active = True
+    return active
+
+
+def _camera_degrees(mouse: Mapping[str, Any], scale: float, camera: str) -> tuple[bool, tuple[float, float]]:
+    """Mouse motion (``dx``, ``dy`` counts, times ``scale``) -> ``(moved, (pitch, yaw))`` in degrees."""
+    dx, dy = float(mouse.get("dx", 0.0) or 0.0), float(mouse.get("dy", 0.0) or 0.0)
+    dx, dy = dx * scale, dy * scale
+    pitch, yaw = dy * DEGREES_PER_COUNT, dx * DEGREES_PER_COUNT
+    if camera == "vpt_int":
+        pitch, yaw = float(math.trunc(pitch)), float(math.trunc(yaw))
+    return not (dx == 0 and dy == 0), (pitch, yaw)
+
+
+def _track_hotbar(
+    pressed: dict[str, np.ndarray], synthesized: np.ndarray, i: int, hotbar: Any, last_hotbar: Any
+) -> Any:
+    """Press the slot's key on line ``i`` when the ``hotbar`` field changed (catching scroll-wheel changes).
+
+    Returns:
+        the hotbar slot to compare the next line with (``last_hotbar`` when the line has no ``hotbar`` field,
+        as recorders before 6.11 write none: no tracking on that line).
+    """
+    if hotbar is None:
+        return last_hotbar
+    if hotbar != last_hotbar:
+        pressed[f"hotbar.{int(hotbar) + 1}"][i] = 1
+        synthesized[i] = True
+    return hotbar

@@ -19,14 +19,15 @@ import numpy as np
 import torch
 
 from mstudio.actions import camera as camera_quantizer
-from mstudio.policy import CAMERA_NULL, N_BUTTONS
+from mstudio.actions.space import CAMERA_NULL, INVENTORY_BUTTONS_INDEX, N_BUTTONS, N_CAMERA
+
+__all__ = ["BUTTONS", "agent_to_env", "env_to_agent"]
 
 #: The 20 policy buttons in VPT's ``Buttons.ALL`` order.
 BUTTONS = (
     "attack", "back", "forward", "jump", "left", "right", "sneak", "sprint", "use", "drop", "inventory",
     *(f"hotbar.{i}" for i in range(1, 10)),
 )
-INVENTORY = N_BUTTONS - 1  # 8640
 # (group options after "none", stride in the joint index), in joint-index order.
 _GROUPS = (
     (tuple(f"hotbar.{i}" for i in range(1, 10)), 864),
@@ -85,7 +86,7 @@ def env_to_agent(env_action: Mapping[str, object]) -> dict:
         buttons = buttons + stride * choice
     camera_idx = camera_quantizer.N_BINS * pitch + yaw
     inventory = pressed["inventory"]
-    buttons = buttons * ~inventory + INVENTORY * inventory
+    buttons = buttons * ~inventory + INVENTORY_BUTTONS_INDEX * inventory
     camera_idx = camera_idx * ~inventory + CAMERA_NULL * inventory
     return {"buttons": buttons[..., None], "camera": camera_idx[..., None]}
 
@@ -100,7 +101,7 @@ def agent_to_env(agent_action: Mapping[str, object]) -> dict:
     the camera index it came with, as VPT's mapping does.
     """
     buttons, cam = agent_action["buttons"], agent_action["camera"]
-    for name, value, high in (("buttons", buttons, N_BUTTONS), ("camera", cam, camera_quantizer.N_BINS ** 2)):
+    for name, value, high in (("buttons", buttons, N_BUTTONS), ("camera", cam, N_CAMERA)):
         if tuple(value.shape[-1:]) != (1,):
             raise ValueError(f"agent_action[{name!r}] must have shape (..., 1), got {tuple(value.shape)}")
         if value.size if isinstance(value, np.ndarray) else value.numel():
@@ -108,7 +109,7 @@ def agent_to_env(agent_action: Mapping[str, object]) -> dict:
             if low < 0 or top >= high:
                 raise ValueError(f"agent_action[{name!r}] holds indices in [{low}, {top}], outside [0, {high})")
     buttons, cam = _to_int(buttons, buttons)[..., 0], _to_int(cam, buttons)[..., 0]
-    inventory = buttons == INVENTORY
+    inventory = buttons == INVENTORY_BUTTONS_INDEX
     env = {"inventory": _to_int(inventory, buttons)}
     for options, stride in _GROUPS:
         choice = (buttons // stride) % (len(options) + 1) * ~inventory

@@ -22,3 +22,7 @@ __all__ = [
     "random_batch",
     "synthesize_contractor",
 ]
+
+
+def __dir__() -> list[str]:
+    return __all__

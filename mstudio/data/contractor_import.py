@@ -31,6 +31,25 @@ from mstudio.actions.contractor import EXTRA_BUTTONS
 from mstudio.actions.mapping import BUTTONS
 from mstudio.data.store import EpisodeStore
 
+__all__ = [
+    "CURSOR_ALPHA",
+    "CURSOR_RGB",
+    "ENV_BUTTON_BITS",
+    "FLAG_ATTACK_STUCK_REMOVED",
+    "FLAG_GUI_OPEN",
+    "FLAG_HOTBAR_SYNTHESIZED",
+    "FLAG_NULL",
+    "FLAG_SEGMENT_START",
+    "SOURCE_SIZE",
+    "ImportSummary",
+    "Segment",
+    "convert_segment",
+    "discover",
+    "draw_cursor",
+    "import_vpt",
+    "resize",
+]
+
 #: Bits of ``env_buttons``: the 20 policy buttons in ``BUTTONS`` order, then ESC, swapHands, pickItem.
 ENV_BUTTON_BITS = {name: bit for bit, name in enumerate((*BUTTONS, *EXTRA_BUTTONS))}
 #: Bits of ``flags``.

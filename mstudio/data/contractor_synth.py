@@ -19,6 +19,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+__all__ = [
+    "BITS", "BLOCK", "FPS", "HEIGHT", "VERSION", "WIDTH", "barcode", "read_barcode", "synthesize_contractor",
+]
+
 WIDTH, HEIGHT, FPS = 640, 360, 20
 BLOCK, BITS = 40, 16
 VERSION = "10.0"

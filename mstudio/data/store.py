@@ -22,8 +22,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mstudio.actions import N_BUTTONS, N_CAMERA
 from mstudio.actions import camera as camera_quantizer
-from mstudio.policy import N_BUTTONS, N_CAMERA
+
+__all__ = ["FORMAT", "VERSION", "EpisodeStore", "array_spec"]
 
 FORMAT = "mstudio-episode-store"
 VERSION = 1

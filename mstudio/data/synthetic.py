@@ -8,7 +8,9 @@ import numpy as np
 import optree
 import torch
 
-from mstudio.policy import CAMERA_NULL, N_BUTTONS, N_CAMERA
+from mstudio.actions import CAMERA_NULL, N_BUTTONS, N_CAMERA
+
+__all__ = ["fill_store", "random_batch"]
 
 
 def random_batch(

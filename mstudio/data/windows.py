@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mstudio.data.store import EpisodeStore
-from mstudio.policy import CAMERA_NULL
+from mstudio.actions import CAMERA_NULL
 
 __all__ = ["WindowDataset"]
 

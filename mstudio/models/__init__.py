@@ -5,3 +5,7 @@ from mstudio.models.vpt import VPTConfig, VPTPolicy, vpt_configs
 from mstudio.models.vpt.weights import load_vpt_weights
 
 __all__ = ["TinyPolicy", "VPTConfig", "VPTPolicy", "load_vpt_weights", "vpt_configs"]
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mstudio.policy import N_BUTTONS, N_CAMERA
+from mstudio.actions import N_BUTTONS, N_CAMERA
+
+__all__ = ["TinyPolicy"]
 
 
 class TinyPolicy(nn.Module):

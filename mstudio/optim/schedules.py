@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["Schedule", "constant", "cosine_decay", "join", "linear_warmup"]
+
 Schedule = Callable[[Tensor], Tensor]
 
 

@@ -8,6 +8,8 @@ import optree
 import torch
 from torch import Tensor
 
+__all__ = ["carry_memory", "episode_starts"]
+
 
 def episode_starts(timestamp: Tensor, last_timestamp: Tensor) -> Tensor:
     """bool ``(B,)``: rows whose window does not continue the previous one.

@@ -4,3 +4,7 @@ from mstudio.models.vpt.config import VPTConfig, vpt_configs
 from mstudio.models.vpt.policy import VPTPolicy
 
 __all__ = ["VPTConfig", "VPTPolicy", "vpt_configs"]
+
+
+def __dir__() -> list[str]:
+    return __all__

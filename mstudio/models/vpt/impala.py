@@ -11,21 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["CnnBasicBlock", "CnnDownStack", "FanInLayer", "ImgObsProcess", "ImpalaCNN"]
 
-class FanInReLU(nn.Module):
-    """``relu(layer(norm(x)))``: VPT's ``FanInInitReLULayer``.
+
+class FanInLayer(nn.Module):
+    """``layer(norm(x))``, then ``relu`` if ``relu``: VPT's ``FanInInitReLULayer`` (``use_activation=relu``).
 
     The norm acts on the layer's *input*; the layer has no bias when a norm exists. Weights are initialised
-    with every output row (filter) rescaled to L2 norm ``init_scale``, biases at zero.
+    with every output row (filter) rescaled to L2 norm ``init_scale`` (fan-in initialisation), biases at zero.
+    ``state_dict`` keys are ``norm.*`` and ``layer.*``, as MineStudio's.
 
     Args:
-        norm: ``"group"`` (GroupNorm with ``groups``), ``"layer"`` (LayerNorm) or ``None``.
+        inchan, outchan: input and output channels (features for a ``Linear``).
         conv: a 3x3 ``Conv2d`` (padding 1) if True, else a ``Linear``.
-        activation: apply the ReLU.
+        relu: apply a ReLU to the layer's output (VPT's transformer MLP omits it on its second layer).
+        norm: ``"group"`` (GroupNorm with ``groups``), ``"layer"`` (LayerNorm) or ``None``.
+        groups: GroupNorm's number of groups, with ``norm="group"``.
+        init_scale: the L2 norm of every output row at initialisation.
     """
 
-    def __init__(self, inchan: int, outchan: int, *, conv: bool, norm: str | None = None, groups: int | None = None,
-                 init_scale: float = 1.0, activation: bool = True):
+    def __init__(self, inchan: int, outchan: int, *, conv: bool, relu: bool, norm: str | None = None,
+                 groups: int | None = None, init_scale: float = 1.0):
         super().__init__()
         if norm == "group":
             self.norm = nn.GroupNorm(groups, inchan)
@@ -38,7 +44,7 @@ class FanInReLU(nn.Module):
             self.layer = nn.Conv2d(inchan, outchan, 3, padding=1, bias=bias)
         else:
             self.layer = nn.Linear(inchan, outchan, bias=bias)
-        self.activation = activation
+        self.relu = relu
         with torch.no_grad():
             w = self.layer.weight
             if not w.is_meta:
@@ -51,7 +57,7 @@ class FanInReLU(nn.Module):
             x = self.norm(x)
         x = self.layer(x)
         # In place, as VPT: x is this layer's fresh output, and relu's backward needs only its result.
-        return F.relu(x, inplace=True) if self.activation else x
+        return F.relu(x, inplace=True) if self.relu else x
 
 
 class CnnBasicBlock(nn.Module):
@@ -61,8 +67,8 @@ class CnnBasicBlock(nn.Module):
         super().__init__()
         norm = "group" if groups is not None else None
         s = math.sqrt(init_scale)
-        self.conv0 = FanInReLU(chans, chans, conv=True, norm=norm, groups=groups, init_scale=s)
-        self.conv1 = FanInReLU(chans, chans, conv=True, norm=norm, groups=groups, init_scale=s)
+        self.conv0 = FanInLayer(chans, chans, conv=True, relu=True, norm=norm, groups=groups, init_scale=s)
+        self.conv1 = FanInLayer(chans, chans, conv=True, relu=True, norm=norm, groups=groups, init_scale=s)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.conv1(self.conv0(x))
@@ -75,7 +81,7 @@ class CnnDownStack(nn.Module):
                  post_pool_groups: int | None, first_conv_norm: bool):
         super().__init__()
         first_norm = "group" if first_conv_norm and groups is not None else None
-        self.firstconv = FanInReLU(inchan, outchan, conv=True, norm=first_norm, groups=groups)
+        self.firstconv = FanInLayer(inchan, outchan, conv=True, relu=True, norm=first_norm, groups=groups)
         if post_pool_groups is not None:
             self.n = nn.GroupNorm(post_pool_groups, outchan)
         self.post_pool_groups = post_pool_groups
@@ -109,7 +115,7 @@ class ImpalaCNN(nn.Module):
                 post_pool_groups=post_pool_groups, first_conv_norm=first_conv_norm if i == 0 else True,
             ))
             c, h, w = outchan, (h + 1) // 2, (w + 1) // 2
-        self.dense = FanInReLU(c * h * w, outsize, conv=False, norm=dense_norm, init_scale=1.4)
+        self.dense = FanInLayer(c * h * w, outsize, conv=False, relu=True, norm=dense_norm, init_scale=1.4)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.permute(0, 3, 1, 2)
@@ -126,8 +132,9 @@ class ImgObsProcess(nn.Module):
         super().__init__()
         self.cnn = ImpalaCNN(img_shape, chans, 256, nblock=2, groups=groups, dense_norm=dense_norm,
                              post_pool_groups=post_pool_groups, first_conv_norm=first_conv_norm)
-        self.linear = FanInReLU(256, hidsize, conv=False, norm=dense_norm)
+        self.linear = FanInLayer(256, hidsize, conv=False, relu=True, norm=dense_norm)
 
     def forward(self, x: Tensor) -> Tensor:
         """float ``(N, H, W, 3)`` -> ``(N, hidsize)``."""
         return self.linear(self.cnn(x))
+

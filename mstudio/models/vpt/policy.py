@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mstudio.models.vpt.config import VPTConfig
-from mstudio.models.vpt.impala import FanInReLU, ImgObsProcess
+from mstudio.actions import N_BUTTONS, N_CAMERA
+from mstudio.models.vpt.impala import FanInLayer, ImgObsProcess
 from mstudio.models.vpt.transformer import ResidualRecurrentBlocks
-from mstudio.policy import N_BUTTONS, N_CAMERA, DictActionHead, get_action
+from mstudio.policy import DictActionHead, get_action
+
+__all__ = ["CategoricalHead", "ValueHead", "VPTBody", "VPTPolicy"]
 
 
-class MinecraftPolicy(nn.Module):
+class VPTBody(nn.Module):
     """Images -> latent ``(B, T, hidsize)``: IMPALA CNN, optional LayerNorm, transformer, ``relu``, dense, LayerNorm."""
 
     def __init__(self, config: VPTConfig):
@@ -33,7 +36,7 @@ class MinecraftPolicy(nn.Module):
             config.use_pointwise_layer, config.pointwise_ratio, config.pointwise_use_activation,
             config.recurrence_is_residual,
         )
-        self.lastlayer = FanInReLU(config.hidsize, config.hidsize, conv=False, norm=dense_norm)
+        self.lastlayer = FanInLayer(config.hidsize, config.hidsize, conv=False, norm=dense_norm, relu=True)
         self.final_ln = nn.LayerNorm(config.hidsize)
         self.ob_scale = 255.0 if config.scale_input_img else 1.0  # divide, as MineStudio, for bitwise-equal inputs
 
@@ -123,7 +126,7 @@ class VPTPolicy(nn.Module):
             "buttons": CategoricalHead(hidsize, N_BUTTONS, temperature),
             "camera": CategoricalHead(hidsize, N_CAMERA, temperature),
         })
-        self.net = MinecraftPolicy(self.config)
+        self.net = VPTBody(self.config)
 
     @classmethod
     def from_preset(cls, name: str, *, temperature: float = 1.0) -> "VPTPolicy":

@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mstudio.models.vpt.impala import FanInReLU
+from mstudio.models.vpt.impala import FanInLayer
+
+__all__ = [
+    "MASKED_LOGIT",
+    "N_BASIS",
+    "MaskedAttention",
+    "ResidualRecurrentBlock",
+    "ResidualRecurrentBlocks",
+    "SelfAttentionLayer",
+]
 
 #: Basis functions of the relative-position attention bias (``b_nd`` has this many rows).
 N_BASIS = 10
@@ -115,9 +124,9 @@ class ResidualRecurrentBlock(nn.Module):
         if use_pointwise_layer:
             if is_residual:
                 s *= 2 ** -0.5  # second residual branch
-            self.mlp0 = FanInReLU(hidsize, hidsize * pointwise_ratio, conv=False, norm="layer")
-            self.mlp1 = FanInReLU(hidsize * pointwise_ratio, hidsize, conv=False, init_scale=s,
-                                  activation=pointwise_use_activation)
+            self.mlp0 = FanInLayer(hidsize, hidsize * pointwise_ratio, conv=False, relu=True, norm="layer")
+            self.mlp1 = FanInLayer(hidsize * pointwise_ratio, hidsize, conv=False, relu=pointwise_use_activation,
+                                   init_scale=s)
         self.pre_r_ln = nn.LayerNorm(hidsize)
         self.r = MaskedAttention(hidsize, heads, maxlen, init_scale=s)
 
