@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mstudio.trainer import Trainer
+
+__all__ = ["eval_checkpoint", "import_vpt", "main", "synth", "train"]
+
+# `mstudio train` flags named as the `[run]` key each overrides (`--no-compile` is handled on its own).
+_RUN_FLAGS = ("out", "max_steps", "ckpt_every", "seed", "name")
 
 
 def synth(args: argparse.Namespace) -> int:
@@ -32,7 +41,116 @@ def import_vpt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(command: str, message: Any) -> int:
+    print(f"mstudio {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _train_table(args: argparse.Namespace) -> dict[str, Any]:
+    """The config file's table (empty: the defaults) with the command-line flags written into ``[run]``."""
+    from mstudio.trainer.config import read_config_table
+
+    table = read_config_table(args.config) if args.config is not None else {}
+    run = table.setdefault("run", {})
+    if not isinstance(run, dict):
+        return table  # not a table: config_from_dict says so
+    run.update({key: getattr(args, key) for key in _RUN_FLAGS if getattr(args, key) is not None})
+    if args.no_compile:
+        run["compile"] = False
+    return table
+
+
+def _make_trainer(args: argparse.Namespace) -> Trainer:
+    """The Trainer the flags describe: a new run, or ``--resume``'s run at its newest checkpoint."""
+    from mstudio.trainer import ConfigError, Trainer, config_from_dict
+
+    if args.resume is None:
+        return Trainer(config_from_dict(_train_table(args)))
+    clashing = [_flag(dest) for dest in ("config", *_RUN_FLAGS)
+                if dest != "max_steps" and getattr(args, dest) is not None]
+    clashing += ["--no-compile"] if args.no_compile else []
+    if clashing:
+        raise ConfigError(f"--resume continues a run with its own config.toml; only --max-steps may come with it, "
+                          f"got {', '.join(clashing)}")
+    trainer = Trainer.resume(args.resume, max_steps=args.max_steps)
+    step = int(trainer.state.step)
+    if trainer.config.run.max_steps < step:
+        raise ConfigError(f"--max-steps: the run's newest checkpoint is at step {step}; resume to {step} or more, "
+                          f"got {trainer.config.run.max_steps}")
+    return trainer
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train a policy (defaults: VPT tiny, behaviour cloning, a built-in synthetic store under ./runs/)."""
+    from mstudio.trainer import ConfigError
+
+    try:
+        trainer = _make_trainer(args)
+    except (ConfigError, FileNotFoundError) as error:
+        return _error("train", error)
+    print(f"run directory: {trainer.run_dir}", flush=True)
+    result = trainer.fit()
+    print(f"run directory: {result['run_dir']}")
+    print(f"done: {result['steps']} steps in {result['seconds']:.1f} s; train loss {_fmt(result['first_loss'])} -> "
+          f"{_fmt(result['last_loss'])}; val loss {_fmt(result['val'].get('loss'))}; "
+          f"policy {Path(result['run_dir']) / 'policy.safetensors'}")
+    return 0
+
+
+def eval_checkpoint(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint (or a run's newest one) on an episode store; prints the mean metrics."""
+    from mstudio.trainer import ConfigError
+    from mstudio.trainer.evaluate import evaluate_checkpoint, resolve_checkpoint
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        metrics = evaluate_checkpoint(checkpoint, args.data, batches=args.batches)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        return _error("eval", error)
+    print(f"checkpoint {checkpoint} on {args.data}:")
+    for key, value in metrics.items():
+        print(f"{key} = {value!r}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _add_train(commands: Any) -> None:
+    p = commands.add_parser("train", help=train.__doc__, description=train.__doc__)
+    p.add_argument("--config", metavar="FILE", help="TOML run config (tables data, policy, objectives, optimizer, run)")
+    p.add_argument("--out", metavar="DIR", help="where run directories go (run.out)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="updates to train for; with --resume, may extend the run")
+    p.add_argument("--ckpt-every", type=int, metavar="N", help="checkpoint every N steps (run.ckpt_every)")
+    p.add_argument("--seed", type=int, metavar="N", help="run.seed")
+    p.add_argument("--no-compile", action="store_true", help="run the step eagerly (run.compile = false)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
+    p.add_argument("--name", metavar="NAME", help="run directory name (run.name; default: a time stamp)")
+    p.set_defaults(run=train)
+
+
+def _add_eval(commands: Any) -> None:
+    p = commands.add_parser("eval", help=eval_checkpoint.__doc__, description=eval_checkpoint.__doc__)
+    p.add_argument("checkpoint", metavar="CKPT", help="<run>/checkpoints/step_<N>, or a run directory")
+    p.add_argument("--data", required=True, metavar="STORE", help="episode store directory")
+    p.add_argument("--batches", type=_positive, metavar="N", help="batches to evaluate (default: one epoch)")
+    p.set_defaults(run=eval_checkpoint)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``mstudio`` command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="mstudio", description="Functional offline training for Minecraft agents.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -50,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--camera", choices=["float", "vpt_int"], default="float")
     p.set_defaults(run=import_vpt)
 
+    _add_train(commands)
+    _add_eval(commands)
     args = parser.parse_args(argv)
     return args.run(args)
 

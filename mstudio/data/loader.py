@@ -70,7 +70,10 @@ class Loader:
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._plan, num_workers=num_workers,
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-            persistent_workers=num_workers > 0)
+            persistent_workers=num_workers > 0,
+            # Each new iterator draws a base seed for its workers; from its own generator, not the global
+            # RNG, so iterating (a validation pass, a resume) never shifts the caller's random stream.
+            generator=torch.Generator().manual_seed(0))
 
     @property
     def episodes(self) -> list[str]:

@@ -24,6 +24,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "read_checkpoint_meta",
     "read_policy_config",
     "save_checkpoint",
 ]
@@ -153,6 +154,16 @@ def load_checkpoint(path: str | os.PathLike[str], template: Any) -> tuple[Any, d
         raise ValueError(f"{state_file} is not a valid safetensors file (truncated or corrupt?): {error}") from error
     leaves = [_restore(key, want, stored[key], tensors, state_file) for key, want in zip(keys, wanted)]
     return optree.tree_unflatten(treespec, leaves), header["meta"]
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The caller's ``meta`` stored in a ``step_<N>`` directory (e.g. the run's config), without its tensors.
+
+    Raises:
+        FileNotFoundError: ``path`` or its ``meta.json`` is missing.
+        ValueError: ``meta.json`` is corrupt or not an mstudio checkpoint's.
+    """
+    return _read_header(Path(path))["meta"]
 
 
 def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:

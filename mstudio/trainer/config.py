@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["OBJECTIVES", "ConfigError", "DataConfig", "OptimizerConfig", "PolicyConfig", "RunConfig", "TrainConfig",
-           "config_from_dict", "load_config"]
+           "config_from_dict", "load_config", "read_config_table"]
 
 #: Objectives a config may name, with the ``losses`` function each stands for.
 OBJECTIVES = ("behavior_clone", "kl_gaussian")
@@ -209,13 +209,25 @@ def config_from_dict(table: Mapping[str, Any]) -> TrainConfig:
     return config
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a TOML config file (see the module docstring for its tables)."""
+def read_config_table(path: str | Path) -> dict[str, Any]:
+    """The plain table of a TOML config file, unvalidated (edit it, then hand it to :func:`config_from_dict`).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8 or not valid TOML (the message names the path).
+    """
     path = Path(path)
     try:
-        table = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode("utf-8"))  # TOML files are UTF-8 whatever the locale
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (TOML must be): {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    return config_from_dict(table)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a TOML config file (see the module docstring for its tables)."""
+    return config_from_dict(read_config_table(path))

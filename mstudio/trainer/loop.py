@@ -18,7 +18,7 @@ from mstudio.train import init_state, make_train_step
 from mstudio.train.evaluate import init_eval_carry, make_eval_step
 from mstudio.trainer import build
 from mstudio.trainer.checkpoint import export_policy, latest_checkpoint, load_checkpoint, save_checkpoint
-from mstudio.trainer.config import ConfigError, TrainConfig, config_from_dict
+from mstudio.trainer.config import ConfigError, TrainConfig, config_from_dict, read_config_table
 from mstudio.trainer.tensorboard import MetricWriter
 from mstudio.trainer.toml import dump_toml
 
@@ -30,6 +30,16 @@ def _to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     names = list(metrics)
     values = torch.stack([metrics[n].detach().float().reshape(()) for n in names]).tolist()
     return dict(zip(names, values))
+
+
+def _fresh_run_name(out: Path) -> str:
+    """A time stamp, suffixed (``-1``, ``-2``, ...) when a run started in the same second already took it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name, suffix = stamp, 0
+    while (out / name).exists():
+        suffix += 1
+        name = f"{stamp}-{suffix}"
+    return name
 
 
 class Trainer:
@@ -47,8 +57,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, resume: bool = False):
         self.config = config
         run = config.run
-        name = run.name or time.strftime("%Y%m%d-%H%M%S")
-        self.run_dir = Path(run.out) / name
+        self.run_dir = Path(run.out) / (run.name or _fresh_run_name(Path(run.out)))
         if not resume and latest_checkpoint(self.run_dir) is not None:
             raise ConfigError(f"run.name: {self.run_dir} already holds checkpoints; resume it (--resume "
                               f"{self.run_dir}) or choose another run name")
@@ -68,12 +77,10 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str | Path, *, max_steps: int | None = None) -> "Trainer":
         """The run in ``run_dir``, rebuilt from its ``config.toml``, at its newest checkpoint."""
-        import tomllib
-
         path = Path(run_dir) / "config.toml"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {run_dir} is not an mstudio run directory")
-        table = tomllib.loads(path.read_text())
+        table = read_config_table(path)
         run_dir = Path(run_dir)
         table["run"] = {**table.get("run", {}), "out": str(run_dir.parent), "name": run_dir.name}
         if max_steps is not None:
@@ -127,10 +134,10 @@ class Trainer:
         run = self.config.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
-        writer = MetricWriter(self.run_dir)
+        step, start = int(self.state.step), time.perf_counter()
+        writer = MetricWriter(self.run_dir, purge_step=step + 1 if step else None)
         writer.hyperparameters(self.config.to_dict())
         frames_per_step = self.config.data.batch_size * self.config.data.window
-        step, start = int(self.state.step), time.perf_counter()
         first_loss = last_loss = None
         val: dict[str, float] = {}
         batches = self._batches()

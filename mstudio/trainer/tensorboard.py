@@ -28,10 +28,13 @@ class MetricWriter:
 
     Args:
         log_dir: the run directory.
+        purge_step: the first step a resumed run logs (its checkpoint's step + 1): TensorBoard hides the events
+            an earlier, interrupted writer logged at this step or later, so the resumed run's points replace
+            them instead of doubling them. ``None`` for a fresh run.
     """
 
-    def __init__(self, log_dir: str | Path):
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None):
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, prefix: str, metrics: Mapping[str, float], step: int) -> None:
         """Each metric as ``<prefix>/<name>`` at ``step``."""
