@@ -13,7 +13,14 @@
 from mstudio.optim import schedules
 from mstudio.optim.adam import ScaleByAdamState, scale_by_adam
 from mstudio.optim.alias import adamw
-from mstudio.optim.hyperparams import InjectHyperparamsState, find_hyperparams, inject_hyperparams, set_hyperparams
+from mstudio.optim.hyperparams import (
+    InjectHyperparamsState,
+    find_hyperparams,
+    inject_hyperparams,
+    read_hyperparam,
+    set_hyperparams,
+    store_hyperparam,
+)
 from mstudio.optim.scale import add_decayed_weights, scale_by_learning_rate
 from mstudio.optim.transforms import (
     GradientTransformation,
@@ -37,10 +44,12 @@ __all__ = [
     "global_norm",
     "identity",
     "inject_hyperparams",
+    "read_hyperparam",
     "scale_by_adam",
     "scale_by_learning_rate",
     "schedules",
     "set_hyperparams",
+    "store_hyperparam",
 ]
 
 

@@ -1,9 +1,13 @@
 """Hyper-parameters as state (optax's ``inject_hyperparams``): change them mid-run without a recompile.
 
 A number closed over when an optimizer is built is a constant of the compiled graph: trying another learning
-rate means a new optimizer and a new compile. :func:`inject_hyperparams` keeps such numbers as float64 0-d
+rate means a new optimizer and a new compile. :func:`inject_hyperparams` keeps such numbers as float64
 tensors in the optimizer state instead, where the compiled step reads them as data, and
 :func:`set_hyperparams` returns a state with new values.
+
+They are stored with shape ``(1,)`` and read as 0-d views (:func:`read_hyperparam`): inductor restarts its
+whole analysis for every 0-d float64 graph input (it tries to turn them into Python floats), which doubles
+the compile time of a train step.
 """
 
 from __future__ import annotations
@@ -16,12 +20,23 @@ from torch import Tensor
 
 from mstudio.optim.transforms import GradientTransformation, PyTree, _device_of
 
-__all__ = ["InjectHyperparamsState", "find_hyperparams", "inject_hyperparams", "set_hyperparams"]
+__all__ = ["InjectHyperparamsState", "find_hyperparams", "inject_hyperparams", "read_hyperparam", "set_hyperparams",
+           "store_hyperparam"]
+
+
+def store_hyperparam(value: float, device: torch.device | str = "cpu") -> Tensor:
+    """``value`` as a hyper-parameter is kept in a state: float64, shape ``(1,)`` (see the module docstring)."""
+    return torch.tensor([float(value)], dtype=torch.float64, device=device)
+
+
+def read_hyperparam(stored: Tensor) -> Tensor:
+    """The float64 0-d value of a stored hyper-parameter (a view: no copy, traceable)."""
+    return stored.reshape(())
 
 
 class InjectHyperparamsState(NamedTuple):
     count: Tensor  # long 0-d: updates done so far (what schedules are evaluated at)
-    hyperparams: dict[str, Tensor]  # the settable values, float64 0-d tensors
+    hyperparams: dict[str, Tensor]  # the settable values, float64 (1,) (see store_hyperparam)
     inner_state: Any
 
 
@@ -32,8 +47,8 @@ def inject_hyperparams(
 ) -> Callable[..., GradientTransformation]:
     """Wrap ``factory(**hyperparams) -> GradientTransformation`` so its numeric arguments live in the state.
 
-    The returned builder takes the factory's keyword arguments. A number becomes a settable float64 0-d tensor
-    of the state; a callable is a schedule ``count -> value`` evaluated at every update (not settable). The
+    The returned builder takes the factory's keyword arguments. A number becomes a settable float64 tensor of
+    the state; a callable is a schedule ``count -> value`` evaluated at every update (not settable). The
     factory is called again at every update with the current values, so it must be cheap and pure.
 
     Args:
@@ -50,11 +65,12 @@ def inject_hyperparams(
                 raise TypeError(f"hyper-parameter {name} must be a number or a schedule, got {value!r}")
 
         def values(state: InjectHyperparamsState) -> dict[str, Tensor]:
-            return {**state.hyperparams, **{name: s(state.count) for name, s in schedules.items()}}
+            stored = {name: read_hyperparam(t) for name, t in state.hyperparams.items()}
+            return {**stored, **{name: s(state.count) for name, s in schedules.items()}}
 
         def init(params: PyTree) -> InjectHyperparamsState:
             device = _device_of(params)
-            stored = {name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in numbers.items()}
+            stored = {name: store_hyperparam(v, device) for name, v in numbers.items()}
             count = torch.zeros((), dtype=torch.int64, device=device)
             inner = factory(**values(InjectHyperparamsState(count, stored, None)))
             return InjectHyperparamsState(count, stored, inner.init(params))
@@ -74,11 +90,11 @@ def _is_inject_state(node: Any) -> bool:
 
 
 def find_hyperparams(opt_state: PyTree) -> dict[str, Tensor]:
-    """The settable hyper-parameters anywhere in ``opt_state`` (name -> float64 0-d tensor)."""
+    """The settable hyper-parameters anywhere in ``opt_state`` (name -> float64 0-d value)."""
     found: dict[str, Tensor] = {}
     for node in optree.tree_leaves(opt_state, is_leaf=_is_inject_state, none_is_leaf=True):
         if _is_inject_state(node):
-            found.update(node.hyperparams)
+            found.update((name, read_hyperparam(t)) for name, t in node.hyperparams.items())
     return found
 
 

@@ -13,11 +13,11 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective
+from losses.api import Objective
 from mstudio.batch import check_batch, normalize_batch
 from mstudio.bridge import functionalize
 from mstudio.train.memory import carry_memory, episode_starts
-from mstudio.train.state import TrainState, check_memory
+from mstudio.train.state import TrainState, check_memory, objective_batch
 
 __all__ = ["EvalCarry", "init_eval_carry", "make_eval_step"]
 
@@ -57,7 +57,7 @@ def make_eval_step(policy: nn.Module, objective: Objective):
         params = state.ema if use_ema and state.ema is not None else state.params
         memory = carry_memory(carry.memory, carry.init_memory, episode_starts(timestamp, carry.last_timestamp))
         latents, state_out = apply_fn(params, state.buffers, batch, memory)
-        out = objective({**batch, STEP_KEY: state.step, HYPERPARAMS_KEY: state.hyperparams}, latents, params)
+        out = objective(objective_batch(batch, state), latents, params)
         metrics = {key: torch.as_tensor(value) for key, value in out.items()}
         return EvalCarry(state_out, carry.init_memory, timestamp[:, -1]), metrics
 

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import optree
 import torch
 from torch import Tensor, nn
 
 import losses
+from losses.api import HYPERPARAMS_KEY, STEP_KEY
 from mstudio.bridge import functionalize
-from mstudio.optim import GradientTransformation, find_hyperparams
+from mstudio.optim import GradientTransformation, find_hyperparams, read_hyperparam, store_hyperparam
 from mstudio.optim import set_hyperparams as set_optimizer_hyperparams
 from mstudio.policy import check_policy
 
-__all__ = ["TrainState", "check_memory", "init_state", "set_hyperparams"]
+__all__ = ["TrainState", "check_memory", "init_state", "objective_batch", "set_hyperparams"]
 
 
 class TrainState(NamedTuple):
@@ -29,7 +30,8 @@ class TrainState(NamedTuple):
         init_memory: ``policy.initial_state(B)``, what rows restart from at an episode boundary.
         last_timestamp: long ``(B,)``, each row's last timestamp so far (zeros at the start).
         step: long 0-d, the number of batches the step has processed (updates applied plus skipped).
-        hyperparams: the objective's hyper-parameters (:class:`losses.Hyperparam`), name -> float64 0-d.
+        hyperparams: the objective's hyper-parameters (:class:`losses.Hyperparam`), name -> float64 ``(1,)``
+            (:func:`mstudio.optim.store_hyperparam`; objectives receive them 0-d).
         ema: an exponential moving average of ``params`` (same structure), or ``None`` when not kept.
         skipped_updates: long 0-d, how many updates the non-finite guard skipped so far.
     """
@@ -101,7 +103,7 @@ def init_state(
         init_memory=init_memory,
         last_timestamp=torch.zeros(batch_size, dtype=torch.int64, device=device),
         step=counter(),
-        hyperparams={name: torch.tensor(float(v), dtype=torch.float64, device=device) for name, v in defaults.items()},
+        hyperparams={name: store_hyperparam(v, device) for name, v in defaults.items()},
         ema={name: p.clone() for name, p in params.items()} if ema else None,
         skipped_updates=counter(),
     )
@@ -128,3 +130,10 @@ def set_hyperparams(state: TrainState, **values: float) -> TrainState:
     }
     opt_state = set_optimizer_hyperparams(state.opt_state, **optimizer_values) if optimizer_values else state.opt_state
     return state._replace(hyperparams=hyperparams, opt_state=opt_state)
+
+
+def objective_batch(batch: Mapping[str, Any], state: TrainState) -> dict[str, Any]:
+    """What objectives receive as their batch: ``batch`` plus the step counter and the hyper-parameters (0-d),
+    under the keys :mod:`losses.api` reserves for them."""
+    hyperparams = {name: read_hyperparam(t) for name, t in state.hyperparams.items()}
+    return {**batch, STEP_KEY: state.step, HYPERPARAMS_KEY: hyperparams}

@@ -23,7 +23,7 @@ from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.optim import GradientTransformation, apply_updates, global_norm
 from mstudio.policy import check_policy
 from mstudio.train.memory import carry_memory, episode_starts
-from mstudio.train.state import TrainState
+from mstudio.train.state import TrainState, objective_batch
 
 __all__ = ["TrainStep", "make_train_step", "train_step_function", "value_and_grad_autograd", "value_and_grad_func"]
 
@@ -101,7 +101,7 @@ def train_step_function(
             else contextlib.nullcontext
         )
         memory = carry_memory(state.memory, state.init_memory, episode_starts(timestamp, state.last_timestamp))
-        objective_batch = {**batch, STEP_KEY: state.step, HYPERPARAMS_KEY: state.hyperparams}
+        seen_by_objective = objective_batch(batch, state)
         trainable = {name: p for name, p in state.params.items() if name in reached}
         untouched = {name: p for name, p in state.params.items() if name not in reached}
 
@@ -109,7 +109,7 @@ def train_step_function(
             params = {**untouched, **trainable}
             with precision():
                 latents, state_out = apply_fn(params, state.buffers, batch, memory)
-                out = objective(objective_batch, latents, params)
+                out = objective(seen_by_objective, latents, params)
             return out["loss"], (out, state_out)
 
         grads, loss, (out, state_out) = value_and_grad(loss_fn, trainable)
@@ -219,8 +219,7 @@ class TrainStep:
         def run():
             with torch.enable_grad():
                 latents, state_out = self.apply_fn(params, state.buffers, batch, state.memory)
-                objective_batch = {**batch, STEP_KEY: state.step, HYPERPARAMS_KEY: state.hyperparams}
-                out = self.objective(objective_batch, latents, params)
+                out = self.objective(objective_batch(batch, state), latents, params)
             return out, state_out
 
         out, state_out = check_stateless_forward(self.policy, state.buffers, run)
