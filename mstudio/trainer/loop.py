@@ -73,6 +73,7 @@ class Trainer:
         self.eval_step = make_eval_step(self.policy, self.objective)
         if resume:
             self._restore()
+        self._batch_stream = self._batches()  # one stream for every train() call, so calls continue it
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, max_steps: int | None = None) -> "Trainer":
@@ -106,7 +107,7 @@ class Trainer:
                                keep=self.config.run.keep_checkpoints)
 
     def _batches(self) -> Iterator[dict]:
-        """The train loader's batches, epoch after epoch."""
+        """The train loader's batches, epoch after epoch (from wherever the loader stands)."""
         while True:
             yield from self.loader
 
@@ -126,25 +127,42 @@ class Trainer:
         return {key: value / len(batches) for key, value in totals.items()}
 
     def fit(self) -> dict[str, Any]:
-        """Train up to ``run.max_steps`` and export the policy.
+        """Train up to ``run.max_steps``, then export the policy (the EMA weights when kept).
 
         Returns:
             ``{"run_dir", "steps", "seconds", "first_loss", "last_loss", "val"}`` (losses as logged).
         """
-        run = self.config.run
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
         step, start = int(self.state.step), time.perf_counter()
+        # a resumed run replaces whatever the killed one logged after its checkpoint
         writer = MetricWriter(self.run_dir, purge_step=step + 1 if step else None)
         writer.hyperparameters(self.config.to_dict())
+        summary = self.train(self.config.run.max_steps - step, writer)
+        params = self.state.ema if self.state.ema is not None else self.state.params
+        export_policy(self.run_dir / "policy.safetensors", {**params, **self.state.buffers},
+                      build.policy_config(self.policy))
+        writer.close()
+        return {"run_dir": str(self.run_dir), "steps": int(self.state.step), "seconds": time.perf_counter() - start,
+                **summary}
+
+    def train(self, steps: int, writer: MetricWriter) -> dict[str, Any]:
+        """Run ``steps`` more updates (never past ``run.max_steps``): metrics read and logged every
+        ``log_every`` steps, validation every ``val_every`` and checkpoints every ``ckpt_every``, and both
+        at ``run.max_steps``.
+
+        Returns:
+            ``{"first_loss", "last_loss", "val"}``: the first and last train loss logged, the last validation.
+        """
+        run = self.config.run
+        step = int(self.state.step)
+        stop = min(step + steps, run.max_steps)
         frames_per_step = self.config.data.batch_size * self.config.data.window
-        first_loss = last_loss = None
-        val: dict[str, float] = {}
-        batches = self._batches()
+        summary: dict[str, Any] = {"first_loss": None, "last_loss": None, "val": {}}
         bar = tqdm(total=run.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         since, since_step = time.perf_counter(), step
-        while step < run.max_steps:
-            self.state, metrics = self.step(self.state, next(batches))
+        while step < stop:
+            self.state, metrics = self.step(self.state, next(self._batch_stream))
             step += 1
             bar.update(1)
             if step % run.log_every == 0 or step == run.max_steps:
@@ -154,20 +172,14 @@ class Trainer:
                 host["frames_per_s"] = host["steps_per_s"] * frames_per_step
                 since, since_step = now, step
                 writer.scalars("train", host, step)
-                first_loss = host["loss"] if first_loss is None else first_loss
-                last_loss = host["loss"]
+                summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else host["loss"]
+                summary["last_loss"] = host["loss"]
                 bar.set_postfix(loss=f"{host['loss']:.4g}", steps_s=f"{host['steps_per_s']:.1f}",
                                 frames_s=f"{host['frames_per_s']:.0f}")
             if (run.val_every and step % run.val_every == 0) or step == run.max_steps:
-                val = self.validate()
-                writer.scalars("val", val, step)
+                summary["val"] = self.validate()
+                writer.scalars("val", summary["val"], step)
             if (run.ckpt_every and step % run.ckpt_every == 0) or step == run.max_steps:
                 self._save()
         bar.close()
-        params = self.state.ema if self.state.ema is not None else self.state.params
-        export_policy(self.run_dir / "policy.safetensors", {**params, **self.state.buffers},
-                      build.policy_config(self.policy))
-        writer.close()
-        return {"run_dir": str(self.run_dir), "steps": step, "seconds": time.perf_counter() - start,
-                "first_loss": first_loss, "last_loss": last_loss, "val": val}
-
+        return summary
