@@ -3,21 +3,22 @@
 Synthesizes contractor data (``--episodes`` sessions of two ``--frames``-line segments plus one gapped
 segment), then times ``import_vpt`` at 128x128, ``--repeats`` times into fresh stores; reports the median.
 
-    python benchmarks/bench_import.py
+    python benchmarks/bench_import.py                    # writes benchmarks/results/latest/import.{json,md}
+    python benchmarks/bench_import.py --update-results   # the committed benchmarks/results/import.*
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench_step import add_results_argument, command_line, header, machine, write_results
 from mstudio.data import EpisodeStore, import_vpt, synthesize_contractor
 
-RESULTS = Path(__file__).parent / "results"
+BASELINE = "none: an absolute rate (the importer has no MineStudio counterpart on this data)"
 
 
 def main() -> None:
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2)
     parser.add_argument("--frames", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3)
+    add_results_argument(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         index = synthesize_contractor(Path(tmp) / "raw", episodes=args.episodes, frames=args.frames)
@@ -34,13 +36,12 @@ def main() -> None:
             start = time.perf_counter()
             summary = import_vpt(index, store, progress=False)
             rates.append(summary.frames / (time.perf_counter() - start))
-    report = {"frames": summary.frames, "frames_per_s": statistics.median(rates), "all": rates}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "import.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = ("# Contractor import (640x360 H.264 -> 128x128 store)\n\n| frames | median frames/s |\n| ---: | ---: |\n"
-             f"| {summary.frames} | {report['frames_per_s']:,.0f} |\n")
-    (RESULTS / "import.md").write_text(table)
-    print(table)
+    info, command = machine(), command_line()
+    report = {"machine": info, "command": command, "baseline": BASELINE, "args": vars(args),
+              "frames": summary.frames, "frames_per_s": statistics.median(rates), "all": rates}
+    lines = header("Contractor import (640x360 H.264 -> 128x128 store)", info, command, BASELINE) + [
+        "| frames | median frames/s |", "| ---: | ---: |", f"| {summary.frames} | {report['frames_per_s']:,.0f} |"]
+    write_results("import", report, lines, args.update_results)
 
 
 if __name__ == "__main__":

@@ -4,23 +4,22 @@ Fills a temporary store with synthetic episodes (64 episodes x 512 frames), then
 episode-continuous loaders (B=8, T=32) for ``--batches`` batches each, ``--repeats`` times, and reports the
 median frames/s. The page cache is warm (the store was just written), as it is during training.
 
-    python benchmarks/bench_loader.py
+    python benchmarks/bench_loader.py                    # writes benchmarks/results/latest/loader.{json,md}
+    python benchmarks/bench_loader.py --update-results   # the committed benchmarks/results/loader.*
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from bench_step import add_results_argument, command_line, header, machine, write_results
 from mstudio.data import EpisodeContinuous, EpisodeStore, RandomWindows, fill_store, make_loader
 
-RESULTS = Path(__file__).parent / "results"
+BASELINE = "none: absolute rates, to compare with a train step's frames/s (benchmarks/results/step_*.md)"
 
 
 def frames_per_second(loader, batches: int) -> float:
@@ -36,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    add_results_argument(parser)
     args = parser.parse_args()
     rows = []
     for size in (64, 128):
@@ -49,14 +49,13 @@ def main() -> None:
                     fps = statistics.median(frames_per_second(loader, args.batches) for _ in range(args.repeats))
                     rows.append({"image": size, "continuous": continuous, "workers": workers, "frames_per_s": fps})
                     print(rows[-1])
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "loader.json").write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2) + "\n")
-    lines = ["# Loader frames/s (B=8, T=32, warm page cache)", "", "| image | sampler | workers | frames/s |",
-             "| ---: | --- | ---: | ---: |"]
+    info, command = machine(), command_line()
+    report = {"machine": info, "command": command, "baseline": BASELINE, "args": vars(args), "rows": rows}
+    lines = header("Loader frames/s (B=8, T=32, warm page cache)", info, command, BASELINE) + [
+        "| image | sampler | workers | frames/s |", "| ---: | --- | ---: | ---: |"]
     lines += [f"| {r['image']} | {'continuous' if r['continuous'] else 'random'} | {r['workers']} | {r['frames_per_s']:,.0f} |"
               for r in rows]
-    (RESULTS / "loader.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("loader", report, lines, args.update_results)
 
 
 if __name__ == "__main__":

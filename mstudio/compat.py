@@ -97,50 +97,45 @@ class ObjectiveCallback:
         return batch
 
 
-class BehaviorCloneCallback(ObjectiveCallback):
+class _WeightedLossCallback(ObjectiveCallback):
+    """A MineStudio callback that is ``weight`` times one pure loss of :mod:`losses` (``_loss``)."""
+
+    _loss: Callable[..., dict[str, Tensor]]
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def objective(self) -> losses.Objective:
+        """The pure objective this callback computes: ``losses.weighted(<its loss>, weight)``."""
+        return losses.weighted(type(self)._loss, self.weight)
+
+    def __call__(
+        self, batch: Batch, batch_idx: Tensor, step_name: str, latents: dict[str, Any], mine_policy: nn.Module
+    ) -> dict[str, Tensor]:
+        """See :class:`ObjectiveCallback`; the keys read are those of the loss."""
+        del batch_idx, step_name, mine_policy
+        return self.objective()(batch, latents, {})
+
+
+class BehaviorCloneCallback(_WeightedLossCallback):
     """MineStudio's ``BehaviorCloneCallback``: ``weight`` times the behaviour-cloning NLL
-    (:func:`losses.behavior_clone`).
+    (:func:`losses.behavior_clone`; reads ``batch["agent_action"]``, ``batch["mask"]``, ``latents["pi_logits"]``).
 
     Returns ``loss``, ``camera_loss``, ``button_loss``, ``entropy`` and ``bc_weight`` (a tensor here).
     """
 
-    def __init__(self, weight: float = 1.0) -> None:
-        super().__init__()
-        self.weight = weight
-
-    def objective(self) -> losses.Objective:
-        """The pure objective this callback computes: ``losses.weighted(losses.behavior_clone, weight)``."""
-        return losses.weighted(losses.behavior_clone, self.weight)
-
-    def __call__(
-        self, batch: Batch, batch_idx: Tensor, step_name: str, latents: dict[str, Any], mine_policy: nn.Module
-    ) -> dict[str, Tensor]:
-        """See :class:`ObjectiveCallback`; reads ``batch["agent_action"]``, ``batch["mask"]``, ``latents["pi_logits"]``.
-        """
-        del batch_idx, step_name, mine_policy
-        return self.objective()(batch, latents, {})
+    _loss = staticmethod(losses.behavior_clone)
 
 
-class KLDivergenceCallback(ObjectiveCallback):
-    """MineStudio's ``KLDivergenceCallback``: ``weight`` times the mean Gaussian KL (:func:`losses.kl_gaussian`).
+class KLDivergenceCallback(_WeightedLossCallback):
+    """MineStudio's ``KLDivergenceCallback``: ``weight`` times the mean Gaussian KL (:func:`losses.kl_gaussian`;
+    reads ``latents["posterior_dist"]`` and ``latents["prior_dist"]``).
 
     Returns ``loss``, ``kl_div`` and ``kl_weight`` (a tensor here).
     """
 
-    def __init__(self, weight: float = 1.0) -> None:
-        super().__init__()
-        self.weight = weight
-
-    def objective(self) -> losses.Objective:
-        """The pure objective this callback computes: ``losses.weighted(losses.kl_gaussian, weight)``."""
-        return losses.weighted(losses.kl_gaussian, self.weight)
-
-    def __call__(
-        self, batch: Batch, batch_idx: Tensor, step_name: str, latents: dict[str, Any], mine_policy: nn.Module
-    ) -> dict[str, Tensor]:
-        """See :class:`ObjectiveCallback`; reads ``latents["posterior_dist"]`` and ``latents["prior_dist"]``."""
-        del batch_idx, step_name, mine_policy
-        return self.objective()(batch, latents, {})
+    _loss = staticmethod(losses.kl_gaussian)
 
     def kl_divergence(self, q_mu: Tensor, q_log_var: Tensor, p_mu: Tensor, p_log_var: Tensor) -> Tensor:
         """``KL(q || p)`` of diagonal Gaussians, float ``(B, D)`` each -> ``(B,)`` (MineStudio's helper method)."""
