@@ -97,7 +97,11 @@ def train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as error:
         return _error("train", error)
     print(f"run directory: {trainer.run_dir}", flush=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        return 130  # the Trainer saved a checkpoint and said how to resume
+
     print(f"run directory: {result['run_dir']}")
     print(f"done: {result['steps']} steps in {result['seconds']:.1f} s; train loss {_fmt(result['first_loss'])} -> "
           f"{_fmt(result['last_loss'])}; val loss {_fmt(result['val'].get('loss'))}; "

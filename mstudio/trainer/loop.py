@@ -7,6 +7,7 @@ steps (one sync), so between logs the step runs back to back.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,6 +75,9 @@ class Trainer:
         if resume:
             self._restore()
         self._batch_stream = self._batches()  # one stream for every train() call, so calls continue it
+        # The loader position that goes with self.state: the loader counts a batch as soon as it hands it out,
+        # which is before the step that consumes it has finished (an interrupt may fall in between).
+        self._position = self.loader.state_dict()
 
     @classmethod
     def resume(cls, run_dir: str | Path, *, max_steps: int | None = None) -> "Trainer":
@@ -102,7 +106,7 @@ class Trainer:
         print(f"resumed {self.run_dir} at step {int(self.state.step)} from {path}")
 
     def _save(self) -> Path:
-        meta = {"loader": self.loader.state_dict(), "config": self.config.to_dict()}
+        meta = {"loader": self._position, "config": self.config.to_dict()}
         return save_checkpoint(self.run_dir, int(self.state.step), self._checkpoint_tree(), meta,
                                keep=self.config.run.keep_checkpoints)
 
@@ -138,7 +142,13 @@ class Trainer:
         # a resumed run replaces whatever the killed one logged after its checkpoint
         writer = MetricWriter(self.run_dir, purge_step=step + 1 if step else None)
         writer.hyperparameters(self.config.to_dict())
-        summary = self.train(self.config.run.max_steps - step, writer)
+        try:
+            summary = self.train(self.config.run.max_steps - step, writer)
+        except KeyboardInterrupt:
+            writer.close()
+            print(f"\ninterrupted at step {int(self.state.step)}: saved {self._save()}; continue with "
+                  f"mstudio train --resume {self.run_dir}", file=sys.stderr)
+            raise
         params = self.state.ema if self.state.ema is not None else self.state.params
         export_policy(self.run_dir / "policy.safetensors", {**params, **self.state.buffers},
                       build.policy_config(self.policy))
@@ -163,6 +173,7 @@ class Trainer:
         since, since_step = time.perf_counter(), step
         while step < stop:
             self.state, metrics = self.step(self.state, next(self._batch_stream))
+            self._position = self.loader.state_dict()
             step += 1
             bar.update(1)
             if step % run.log_every == 0 or step == run.max_steps:

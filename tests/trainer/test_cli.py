@@ -115,11 +115,31 @@ def test_resume_after_sigkill_between_checkpoints_is_exact(tmp_path, store):
 
     assert_files_equal(tmp_path / "killed" / "policy.safetensors", tmp_path / "straight" / "policy.safetensors")
     final = [tmp_path / name / "checkpoints" / f"step_{total}" / "state.safetensors" for name in ("killed", "straight")]
-    # The TrainState; not the global RNG state saved beside it, which each DataLoader iteration draws from (the
-    # resumed run starts one more) and which no step reads.
-    assert_files_equal(*final, prefix="state/")
+    assert_files_equal(*final)  # the TrainState and the RNG state saved beside it
     # TensorBoard hides what the killed process logged past its checkpoint: one point per step, as uninterrupted
     assert scalars(tmp_path / "killed", "train/loss") == scalars(tmp_path / "straight", "train/loss")
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from_exactly(tmp_path, store):
+    config = write_config(tmp_path / "run.toml", f'store = "{store}"\nval_episodes = 1',
+                          f'out = "{tmp_path}"\ncompile = false\nckpt_every = 100\nval_every = 3\nmax_steps = 1000')
+    interrupted = run_cli("train", "--config", config, "--name", "interrupted")
+    progress = Progress(interrupted, total=1000)
+    deadline = time.monotonic() + 300
+    while progress.step < 7:
+        assert interrupted.poll() is None and time.monotonic() < deadline, "the run ended or never reached step 7"
+        time.sleep(0.01)
+    interrupted.send_signal(signal.SIGINT)
+    assert interrupted.wait(timeout=120) == 130
+    saved = int(latest_checkpoint(tmp_path / "interrupted").name.removeprefix("step_"))
+    assert saved >= 7  # no periodic checkpoint before step 100: this one is the interrupt's
+
+    total = saved + 5
+    finish(run_cli("train", "--resume", tmp_path / "interrupted", "--max-steps", total))
+    finish(run_cli("train", "--config", config, "--name", "straight", "--max-steps", total))
+    final = [tmp_path / name / "checkpoints" / f"step_{total}" / "state.safetensors"
+             for name in ("interrupted", "straight")]
+    assert_files_equal(*final)
 
 
 BAD_COMMANDS = [

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mstudio.data import EpisodeStore, fill_store
+from mstudio.models import VPTPolicy
 from mstudio.models.vpt.config import VPTConfig
 from mstudio.trainer import ConfigError, Trainer, config_from_dict, load_config
 from mstudio.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta
@@ -172,3 +173,23 @@ def test_example_config_trains_with_a_tiny_policy_and_store(tmp_path, store):
     assert torch.isfinite(torch.tensor([result["last_loss"], result["val"]["loss"]])).all()
     assert result["val"]["bc_weight"] == pytest.approx(0.01)
     assert (tmp_path / "finetune-vpt-2x" / "policy.safetensors").is_file()
+
+
+def test_exported_policy_loads_back_and_fine_tunes(tmp_path, store):
+    """``policy.safetensors`` (EMA weights when kept) loads through ``VPTPolicy.from_pretrained`` and a plain
+    ``load_state_dict``, and serves as ``policy.weights`` of a new run."""
+    trainer = Trainer(config_from_dict(tiny(tmp_path, "first", store, max_steps=4, ema_decay=0.5)))
+    trainer.fit()
+    exported = tmp_path / "first" / "policy.safetensors"
+    loaded = VPTPolicy.from_pretrained(exported)
+    expected = {**trainer.state.ema, **trainer.state.buffers}
+    assert_trees_equal(dict(loaded.state_dict()), {name: expected[name] for name in loaded.state_dict()})
+    plain = VPTPolicy.from_preset("tiny")
+    plain.load_state_dict(load_file(exported))
+    assert_trees_equal(dict(plain.state_dict()), dict(loaded.state_dict()))
+
+    table = tiny(tmp_path, "second", store, max_steps=2)
+    table["policy"] = {"weights": str(exported)}
+    second = Trainer(config_from_dict(table))
+    assert_trees_equal(second.state.params, {name: expected[name] for name in second.state.params})
+    assert second.fit()["steps"] == 2
