@@ -93,3 +93,85 @@ def test_check_batch_returns_sizes_and_accepts_any_mask_dtype():
     for dtype in (torch.uint8, torch.bool, torch.float32):
         batch["mask"] = batch["mask"].to(dtype)
         assert check_batch(batch) == (3, 5)
+
+
+def _mask(values, dtype=torch.float32):
+    return lambda t: torch.tensor(values, dtype=dtype).reshape(1, -1).expand(2, 4).clone()
+
+
+VALUE_CASES = [
+    (("mask",), _mask([1, 1, -1, 0]), "batch['mask'] must hold values in [0, 1] (0 on padding), got values in [-1, 1]"),
+    (("mask",), _mask([1, 2, 0, 0], torch.int64), "batch['mask'] must hold values in [0, 1] (0 on padding), got values in [0, 2]"),
+    (("mask",), _mask([1, float("nan"), 0, 0]), "batch['mask'] must be finite with values in [0, 1], got 2 NaN or inf value(s)"),
+    (("mask",), _mask([1, float("inf"), float("-inf"), 0]), "got 4 NaN or inf value(s)"),
+    (("mask",), lambda t: t.to(torch.complex64),
+     "batch['mask'] must be real (bool, integer or floating) with values in [0, 1], got torch.complex64 (2, 4)"),
+    (("timestamp",), lambda t: t - 10, "batch['timestamp'] must be a non-negative frame index, got a minimum of -10"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", VALUE_CASES)
+def test_bad_mask_and_timestamp_values_are_rejected(path, value, message):
+    policy = CountingPolicy()
+    optimizer = mstudio.optim.adamw(1e-3)
+    state = mstudio.init_state(policy, optimizer, 2)
+    step = mstudio.make_train_step(policy, losses.behavior_clone, optimizer, compile=False)
+    batch = random_batch(2, 4, 8)
+    _edit(path, value)(batch)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        step(state, batch)
+    assert step.reached is None
+
+
+def test_mask_in_zero_one_passes_for_every_real_dtype():
+    batch = random_batch(2, 4, 8)
+    for dtype in (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float64):
+        batch["mask"] = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]]).to(dtype)
+        assert check_batch(batch) == (2, 4)
+    batch["mask"] = torch.full((2, 4), 0.5)  # fractional weights are fine
+    assert check_batch(batch) == (2, 4)
+
+
+@pytest.mark.parametrize("path", [("mask",), ("image",), ("agent_action", "camera"), ("timestamp",), ("env_reward",)])
+def test_meta_tensors_are_rejected_even_without_value_checks(path):
+    batch = random_batch(2, 4, 8)
+    batch["env_reward"] = torch.zeros(2, 4)
+    _edit(path, lambda t: t.to("meta"))(batch)
+    name = "batch" + "".join(f"[{k!r}]" for k in path)
+    with pytest.raises(ValueError, match=re.escape(f"{name} is on the meta device")):
+        check_batch(batch, check_values=False)
+
+
+def test_meta_batch_is_rejected_by_a_step_that_does_not_validate():
+    policy = CountingPolicy()
+    optimizer = mstudio.optim.adamw(1e-3)
+    state = mstudio.init_state(policy, optimizer, 2)
+    step = mstudio.make_train_step(policy, losses.behavior_clone, optimizer, compile=False, validate=False)
+    batch = random_batch(2, 4, 8)
+    batch["mask"] = batch["mask"].to("meta")
+    with pytest.raises(ValueError, match=re.escape("batch['mask'] is on the meta device")):
+        step(state, batch)
+    assert step.reached is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_tensors_on_another_device_than_timestamp_are_rejected():
+    batch = random_batch(2, 4, 8)
+    batch["mask"] = batch["mask"].cuda()
+    with pytest.raises(ValueError, match=re.escape("batch['mask'] must be on batch['timestamp']'s device cpu")):
+        check_batch(batch, check_values=False)
+
+
+def test_value_checks_take_one_device_sync(monkeypatch):
+    calls = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=original, _n=name, **k: (calls.append(_n), _o(self, *a, **k))[1])
+    batch = random_batch(2, 4, 8)
+    batch["mask"] = batch["mask"].float()
+    assert check_batch(batch) == (2, 4)
+    assert calls == ["tolist"]
+    calls.clear()
+    assert check_batch(batch, check_values=False) == (2, 4)
+    assert calls == []

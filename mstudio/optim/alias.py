@@ -29,6 +29,25 @@ def _adamw_chain(
     )
 
 
+def _check_adamw_args(
+    lr: float | Schedule, betas: tuple[float, float], eps: float, weight_decay: float, clip_norm: float | None,
+) -> None:
+    """Raise ``ValueError`` naming the argument and its value for a hyper-parameter :func:`adamw` cannot use."""
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):  # NaN fails the comparison
+        raise ValueError(f"adamw: betas must be two numbers in [0, 1), got {betas}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(
+            f"adamw: eps must be a finite number > 0, got {eps} (with eps = 0 a parameter whose gradient and moments "
+            "are zero is updated by 0 / 0 = NaN; torch.optim.AdamW accepts 0 but has the same NaN)"
+        )
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"adamw: weight_decay must be a finite number >= 0, got {weight_decay}")
+    if not callable(lr) and not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"adamw: lr must be a finite number >= 0 or a schedule, got {lr}")
+    if clip_norm is not None and not (clip_norm > 0 and math.isfinite(clip_norm)):
+        raise ValueError(f"adamw: clip_norm must be a finite number > 0 or None for no clipping, got {clip_norm}")
+
+
 def adamw(
     lr: float | Schedule,
     *,
@@ -55,7 +74,7 @@ def adamw(
     Args:
         lr: peak learning rate (settable), or a schedule ``step -> lr`` (the warmup then multiplies it).
         betas: Adam's ``(b1, b2)``.
-        eps: added to the denominator.
+        eps: added to the denominator; must be > 0 (0 divides 0 by 0 where gradient and moments are zero).
         weight_decay: decoupled weight decay (settable), applied to every parameter that has a gradient
             (MineStudio uses no parameter groups: biases and norms are decayed too).
         warmup_steps: length of the linear warmup; 0 for none.
@@ -64,17 +83,8 @@ def adamw(
     Returns:
         A :class:`GradientTransformation` whose ``learning_rate(state)`` is the lr the next update applies.
     """
+    _check_adamw_args(lr, betas, eps, weight_decay, clip_norm)
     b1, b2 = betas
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"adamw: betas must be in [0, 1), got {betas}")
-    if not eps >= 0:
-        raise ValueError(f"adamw: eps must be >= 0, got {eps}")
-    if not weight_decay >= 0:
-        raise ValueError(f"adamw: weight_decay must be >= 0, got {weight_decay}")
-    if not math.isfinite(weight_decay):
-        raise ValueError(f"adamw: weight_decay must be finite, got {weight_decay}")
-    if not callable(lr) and not (lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"adamw: lr must be a finite number >= 0 or a schedule, got {lr}")
     factory: Callable[..., GradientTransformation] = lambda **values: _adamw_chain(  # noqa: E731
         **values, b1=b1, b2=b2, eps=eps, clip_norm=clip_norm
     )

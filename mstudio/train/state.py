@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Mapping, NamedTuple
 
 import optree
@@ -79,13 +80,20 @@ def init_state(
     Args:
         policy: the policy module.
         optimizer: e.g. :func:`mstudio.optim.adamw`.
-        batch_size: rows per batch (the memory has one row per batch row).
+        batch_size: rows per batch (the memory has one row per batch row): an int or any integral such as
+            ``np.int64`` (``operator.index``), never a bool.
         objective: the objective to train; the state then holds the defaults of the hyper-parameters it reads
             (:func:`losses.hyperparams_of`). Needed only for objectives weighted by a :class:`losses.Hyperparam`.
         ema: keep an exponential moving average of the parameters (``make_train_step(..., ema_decay=...)``).
     """
     check_policy(policy)
-    if not (isinstance(batch_size, int) and batch_size > 0):
+    if isinstance(batch_size, bool) or (isinstance(batch_size, Tensor) and batch_size.dtype == torch.bool):
+        raise ValueError(f"batch_size must be a positive int (rows per batch), got the bool {batch_size!r}")
+    try:
+        batch_size = operator.index(batch_size)  # int, np.int64, 0-d integer tensors
+    except TypeError:
+        raise ValueError(f"batch_size must be a positive int, got {type(batch_size).__name__} {batch_size!r}") from None
+    if batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     _, params, buffers = functionalize(policy)
     params = {name: p.clone() for name, p in params.items()}

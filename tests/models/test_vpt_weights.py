@@ -1,6 +1,8 @@
 """Loading VPT weights (OpenAI .weights, MineStudio .ckpt, local Hugging Face folders) and bad-input errors."""
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -131,3 +133,70 @@ def test_state_from_another_batch_size_raises():
     expected = r"state_in\[0\] must be bool \(2, 1, 6\) \(batch 2\), got torch.bool \(3, 1, 6\)"
     with pytest.raises(ValueError, match=expected):
         policy({"image": torch.zeros(2, 4, 64, 64, 3, dtype=torch.uint8)}, policy.initial_state(3))
+
+
+KEY = "pi_head.camera.linear_layer.bias"
+
+
+@pytest.mark.parametrize("bad, found", [
+    (lambda t: t.long(), "torch.int64"),
+    (lambda t: t.bool(), "torch.bool"),
+    (lambda t: t.to(torch.complex64), "torch.complex64"),
+    (lambda t: t.double(), "torch.float64"),
+    (lambda t: t.half(), "torch.float16"),
+])
+def test_wrong_dtypes_are_refused_not_cast(tmp_path, reference_state, bad, found):
+    state = {**reference_state, KEY: bad(reference_state[KEY])}
+    path = tmp_path / "bad.weights"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=re.escape(f"dtype of {KEY}: expected torch.float32, found {found}")):
+        load_vpt_weights(tiny(), path)
+
+
+@pytest.mark.parametrize("value, count", [(float("nan"), 3), (float("inf"), 2), (float("-inf"), 1)])
+def test_non_finite_weights_are_refused(tmp_path, reference_state, value, count):
+    tensor = reference_state[KEY].clone()
+    tensor[:count] = value
+    path = tmp_path / "nan.weights"
+    torch.save({**reference_state, KEY: tensor}, path)
+    with pytest.raises(ValueError, match=re.escape(f"{KEY} holds {count} non-finite value(s) (NaN or inf) of 121")):
+        load_vpt_weights(tiny(), path)
+
+
+def test_non_finite_weights_are_refused_by_from_pretrained(tmp_path, reference_state):
+    shutil.copy(FIXTURES / "hub_config.json", tmp_path / "config.json")
+    tensor = reference_state[KEY].clone()
+    tensor[0] = float("nan")
+    torch.save({**reference_state, KEY: tensor}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=re.escape(f"{KEY} holds 1 non-finite value(s)")):
+        VPTPolicy.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("data", [os.urandom(4096), b"", b"PK\x03\x04" + bytes(200)], ids=["random", "empty", "zip"])
+def test_unreadable_weights_file_never_suggests_loading_pickled_code(tmp_path, data):
+    path = tmp_path / "garbage.weights"
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as error:
+        load_vpt_weights(tiny(), path)
+    message = str(error.value)
+    assert f"{path} is not a readable weights file" in message and "mstudio never loads pickled code" in message
+    assert "weights_only` set to `False`" not in message and "will likely succeed" not in message
+    assert error.value.__cause__ is None and error.value.__context__ is None  # torch's hint is not chained
+
+
+def test_unreadable_pytorch_model_bin_is_refused(tmp_path):
+    shutil.copy(FIXTURES / "hub_config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(os.urandom(1024))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'pytorch_model.bin'} is not a readable weights file")):
+        VPTPolicy.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.0, -1.0, float("nan"), float("inf"), "1.0", True, None])
+def test_bad_temperature_in_config_json_is_refused(tmp_path, reference_state, temperature):
+    config = json.loads((FIXTURES / "hub_config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "temperature": temperature}))
+    torch.save(reference_state, tmp_path / "pytorch_model.bin")
+    message = ("config.json: 'temperature' must be a finite number > 0 (it divides the action logits), "
+               f"got {temperature!r}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        VPTPolicy.from_pretrained(tmp_path)

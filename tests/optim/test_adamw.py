@@ -1,6 +1,7 @@
 """mstudio.optim.adamw against torch.optim.AdamW + LambdaLR(min((k+1)/warmup, 1)) + clip_grad_norm_."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -176,3 +177,34 @@ def test_bad_hyperparameters(kwargs):
     args = {"lr": 1e-3, **kwargs}
     with pytest.raises(ValueError):
         optim.adamw(args.pop("lr"), **args)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=0.0), "adamw: eps must be a finite number > 0, got 0.0"),
+    (dict(eps=NAN), "adamw: eps must be a finite number > 0, got nan"),
+    (dict(eps=INF), "adamw: eps must be a finite number > 0, got inf"),
+    (dict(betas=(NAN, 0.999)), "adamw: betas must be two numbers in [0, 1), got (nan, 0.999)"),
+    (dict(betas=(0.9, NAN)), "adamw: betas must be two numbers in [0, 1), got (0.9, nan)"),
+    (dict(weight_decay=NAN), "adamw: weight_decay must be a finite number >= 0, got nan"),
+    (dict(lr=NAN), "adamw: lr must be a finite number >= 0 or a schedule, got nan"),
+    (dict(clip_norm=0.0), "adamw: clip_norm must be a finite number > 0 or None for no clipping, got 0.0"),
+    (dict(clip_norm=-1.0), "adamw: clip_norm must be a finite number > 0 or None for no clipping, got -1.0"),
+    (dict(clip_norm=INF), "adamw: clip_norm must be a finite number > 0 or None for no clipping, got inf"),
+    (dict(clip_norm=NAN), "adamw: clip_norm must be a finite number > 0 or None for no clipping, got nan"),
+])
+def test_bad_hyperparameters_name_the_argument_and_value(kwargs, message):
+    args = {"lr": 1e-3, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        optim.adamw(args.pop("lr"), **args)
+
+
+def test_tiny_eps_keeps_zero_gradients_finite():
+    """What eps = 0 would break: a parameter whose gradient and moments are all zero (0 / 0 with eps = 0)."""
+    params = {"a": torch.ones(3)}
+    tx = optim.adamw(1e-3, eps=1e-30, weight_decay=0.0)
+    state = tx.init(params)
+    updates, state = tx.update({"a": torch.zeros(3)}, state, params)
+    assert torch.equal(updates["a"], torch.zeros(3))

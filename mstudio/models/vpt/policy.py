@@ -17,6 +17,7 @@ from mstudio.models.vpt.config import VPTConfig
 from mstudio.actions import N_BUTTONS, N_CAMERA
 from mstudio.models.vpt.impala import FanInLayer, ImgObsProcess
 from mstudio.models.vpt.transformer import ResidualRecurrentBlocks
+from mstudio.models.vpt.weights import check_temperature
 from mstudio.policy import DictActionHead, get_action
 
 __all__ = ["CategoricalHead", "ValueHead", "VPTBody", "VPTPolicy"]
@@ -104,7 +105,8 @@ class VPTPolicy(nn.Module):
         config: the architecture (:meth:`VPTConfig.preset` gives the named sizes); or, instead of it,
         **policy_kwargs: MineStudio's ``policy_kwargs``, read by :meth:`VPTConfig.from_policy_kwargs` (unknown or
             unsupported values raise ``ValueError``).
-        temperature: divides the action logits before the log-softmax (MineStudio's ``temperature``).
+        temperature: divides the action logits before the log-softmax (MineStudio's ``temperature``); a finite
+            number > 0, else ``ValueError``.
 
     Memory (``initial_state(B)``): a flat tuple with three tensors per transformer layer, as MineStudio's
     state list: ``mask`` bool ``(B, 1, maxlen)`` (False = empty slot), ``K`` and ``V`` float32 (the
@@ -116,6 +118,7 @@ class VPTPolicy(nn.Module):
 
     def __init__(self, config: VPTConfig | None = None, *, temperature: float = 1.0, **policy_kwargs: Any):
         super().__init__()
+        check_temperature(temperature, "VPTPolicy: temperature")
         self.config = _config_from(config, policy_kwargs)
         hidsize = self.config.hidsize
         # Registration order value_head, pi_head, net gives MineStudio's state_dict key order.

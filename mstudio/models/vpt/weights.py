@@ -6,6 +6,8 @@ single-file ``.safetensors`` exports (config in the file's metadata). Never down
 from __future__ import annotations
 
 import json
+import math
+import pickle
 from pathlib import Path
 from typing import Mapping
 
@@ -13,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "LIGHTNING_PREFIX", "MSTUDIO_FORMAT", "check_state_dict", "from_pretrained", "load_vpt_weights",
-    "policy_state_dict", "read_safetensors",
+    "LIGHTNING_PREFIX", "MSTUDIO_FORMAT", "check_state_dict", "check_temperature", "from_pretrained",
+    "load_vpt_weights", "policy_state_dict", "read_safetensors",
 ]
 
 #: Prefix of the policy's keys inside a MineStudio (``MineLightning``) checkpoint.
@@ -37,21 +39,42 @@ def policy_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
 
 
 def check_state_dict(policy: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
-    """Raise ``ValueError`` listing missing keys, unexpected keys and shape mismatches (expected vs found)."""
+    """Raise ``ValueError`` listing missing keys, unexpected keys, shape mismatches (expected vs found), dtype
+    mismatches (which ``load_state_dict`` would cast silently: an int64, bool or complex tensor into a float
+    parameter) and tensors holding NaN or inf (with how many)."""
     expected = policy.state_dict()
     problems = [f"missing {k} (expected {tuple(v.shape)})" for k, v in expected.items() if k not in state]
-    problems += [f"unexpected {k} (found {tuple(v.shape)})" for k, v in state.items() if k not in expected]
-    problems += [
-        f"shape of {k}: expected {tuple(v.shape)}, found {tuple(state[k].shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
+    problems += [f"unexpected {k} (found {_describe(v)})" for k, v in state.items() if k not in expected]
+    for k, v in expected.items():
+        if k in state:
+            problems += _tensor_problems(k, v, state[k])
     if problems:
         shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
         raise ValueError(
             f"{source} does not fit this {type(policy).__name__} ({len(problems)} problem(s)); is the config the "
             f"one the weights were trained with?\n  {shown}"
         )
+
+
+def _describe(value: object) -> str:
+    return str(tuple(value.shape)) if isinstance(value, Tensor) else f"a {type(value).__name__}, not a tensor"
+
+
+def _tensor_problems(key: str, expected: Tensor, found: object) -> list[str]:
+    """What is wrong with ``found`` as the value of ``key`` (``expected`` is the policy's own tensor)."""
+    if not isinstance(found, Tensor):
+        return [f"{key}: expected a tensor {expected.dtype} {tuple(expected.shape)}, found {_describe(found)}"]
+    problems = []
+    if tuple(found.shape) != tuple(expected.shape):
+        problems.append(f"shape of {key}: expected {tuple(expected.shape)}, found {tuple(found.shape)}")
+    if found.dtype != expected.dtype:
+        problems.append(f"dtype of {key}: expected {expected.dtype}, found {found.dtype} (load_state_dict would cast "
+                        f"it silently; convert it explicitly, or build the policy in that dtype)")
+    elif found.is_floating_point() or found.is_complex():
+        bad = int((~torch.isfinite(found)).sum())
+        if bad:
+            problems.append(f"{key} holds {bad} non-finite value(s) (NaN or inf) of {found.numel()}")
+    return problems
 
 
 def load_vpt_weights(policy: nn.Module, path: str | Path) -> nn.Module:
@@ -65,13 +88,31 @@ def load_vpt_weights(policy: nn.Module, path: str | Path) -> nn.Module:
     Raises:
         ValueError: when keys or shapes differ, listing each offending key with expected and found shapes.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _torch_load(Path(path))
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or a Lightning checkpoint")
     state = policy_state_dict(checkpoint)
     check_state_dict(policy, state, str(path))
     policy.load_state_dict(state, strict=True)
     return policy
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, with torch's read errors turned into a ``ValueError``.
+
+    torch's own message for an unreadable file suggests retrying with ``weights_only=False``, which would run
+    whatever code the file pickles; that hint is never passed on (the error is raised ``from None``).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        kind = type(error).__name__
+    raise ValueError(
+        f"{path} is not a readable weights file: torch.load(weights_only=True) failed ({kind}); it is truncated, "
+        "corrupt, not a torch checkpoint, or pickles Python objects besides tensors. mstudio never loads pickled "
+        "code (it reads with weights_only=True only); re-save the tensors alone "
+        "(torch.save(policy.state_dict(), path)) or as safetensors"
+    )
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -129,7 +170,18 @@ def _check_config(config: object, source: str) -> dict:
         raise ValueError(f"{source}: unsupported entries {unknown}")
     if config.get("action_space") is not None or config.get("nucleus_prob") is not None:
         raise ValueError(f"{source}: only the default action space and no nucleus sampling are supported")
+    if "temperature" in config:
+        check_temperature(config["temperature"], f"{source}: 'temperature'")
     return config
+
+
+def check_temperature(temperature: object, what: str = "temperature") -> float:
+    """``temperature`` as a float; ``ValueError`` (naming ``what``) unless it is a finite number > 0 (it divides
+    the action logits: 0 gives inf or NaN logits, a negative value inverts the policy)."""
+    ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if not (ok and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{what} must be a finite number > 0 (it divides the action logits), got {temperature!r}")
+    return float(temperature)
 
 
 def _hub_config(local_dir: Path) -> dict:
@@ -147,7 +199,9 @@ def _hub_weights(local_dir: Path) -> tuple[dict[str, Tensor], Path]:
     if (local_dir / "model.safetensors").is_file():
         return read_safetensors(local_dir / "model.safetensors")[0], local_dir / "model.safetensors"
     if (local_dir / "pytorch_model.bin").is_file():
-        checkpoint = torch.load(local_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        checkpoint = _torch_load(local_dir / "pytorch_model.bin")
+        if not isinstance(checkpoint, Mapping):
+            raise ValueError(f"{local_dir / 'pytorch_model.bin'} holds a {type(checkpoint).__name__}, not a state dict")
         return policy_state_dict(checkpoint), local_dir / "pytorch_model.bin"
     raise FileNotFoundError(f"{local_dir} has neither model.safetensors nor pytorch_model.bin")
 
