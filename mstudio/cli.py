@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mstudio.trainer import Trainer
 
-__all__ = ["eval_checkpoint", "import_vpt", "main", "synth", "train"]
+__all__ = ["eval_checkpoint", "import_vpt", "main", "store_verify", "synth", "train"]
 
 # `mstudio train` flags named as the `[run]` key each overrides (`--no-compile` is handled on its own).
 _RUN_FLAGS = ("out", "max_steps", "ckpt_every", "seed", "name")
@@ -20,7 +20,10 @@ def synth(args: argparse.Namespace) -> int:
     """Write synthetic VPT contractor data (mp4 + jsonl + expected-action sidecars)."""
     from mstudio.data.contractor_synth import synthesize_contractor
 
-    index = synthesize_contractor(args.dest, episodes=args.episodes, frames=args.frames, seed=args.seed)
+    try:
+        index = synthesize_contractor(args.dest, episodes=args.episodes, frames=args.frames, seed=args.seed)
+    except (ValueError, OSError) as error:
+        return _error("synth", error)
     print(f"wrote {index}")
     return 0
 
@@ -28,12 +31,19 @@ def synth(args: argparse.Namespace) -> int:
 def import_vpt(args: argparse.Namespace) -> int:
     """Import contractor recordings into an episode store (created if it does not exist)."""
     from mstudio.data import EpisodeStore
+    from mstudio.data.contractor_import import discover
     from mstudio.data.contractor_import import import_vpt as run_import
 
     dest = Path(args.store)
-    store = (EpisodeStore.open(dest) if (dest / "manifest.json").exists()
-             else EpisodeStore.create(dest, (args.resolution, args.resolution), meta={"source": str(args.src)}))
-    summary = run_import(args.src, store, resolution=args.resolution, camera=args.camera)
+    try:
+        if args.resolution < 1:
+            raise ValueError(f"--resolution must be an integer >= 1, got {args.resolution}")
+        discover(args.src)  # a missing or unreadable SRC fails here, before the store is created
+        store = (EpisodeStore.open(dest) if (dest / "manifest.json").exists()
+                 else EpisodeStore.create(dest, (args.resolution, args.resolution), meta={"source": str(args.src)}))
+        summary = run_import(args.src, store, resolution=args.resolution, camera=args.camera)
+    except (ValueError, OSError) as error:
+        return _error("import-vpt", error)
     print(f"imported {len(summary.imported)} episodes ({summary.frames} frames); "
           f"{len(summary.already_present)} already in the store; {len(summary.skipped)} files skipped")
     for path, reason in summary.skipped:
@@ -153,6 +163,24 @@ def _add_eval(commands: Any) -> None:
     p.set_defaults(run=eval_checkpoint)
 
 
+def store_verify(args: argparse.Namespace) -> int:
+    """Check an episode store for what a crash can leave; --repair removes the leftovers (exit 1 if problems remain)."""
+    from mstudio.data import EpisodeStore
+
+    try:
+        store = EpisodeStore.open(args.store)
+        problems = store.verify(repair=args.repair)
+        remaining = store.verify() if args.repair else problems
+    except (OSError, ValueError) as error:
+        print(f"mstudio store-verify: error: {error}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(problem)
+    if not remaining:
+        print("ok")
+    return 1 if remaining else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``mstudio`` command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="mstudio", description="Functional offline training for Minecraft agents.")
@@ -174,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _add_train(commands)
     _add_eval(commands)
+    p = commands.add_parser("store-verify", help=store_verify.__doc__, description=store_verify.__doc__)
+    p.add_argument("store", metavar="STORE", help="episode store directory")
+    p.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes (never indexed data)")
+    p.set_defaults(run=store_verify)
     args = parser.parse_args(argv)
     return args.run(args)
 

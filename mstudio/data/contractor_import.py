@@ -8,17 +8,24 @@ trailing frame is dropped), actions converted as MineStudio does (:func:`mstudio
 the mouse cursor drawn where a GUI is open (the recorder does not capture it, but the game renders one), the
 frames resized, and the joint indices and flags computed (null: ``buttons == 0``, after mapping).
 
-A segment that cannot be read is skipped and reported with the reason, and its episode is split there;
-everything else is imported. Episodes already in the store are skipped, so re-running resumes.
+Every jsonl line is checked before conversion (:func:`check_lines`: types, ``hotbar`` 0-8, finite mouse
+numbers). A segment that cannot be used (unreadable or invalid jsonl, a video without a video stream or with
+the wrong frame count, ...) is skipped and reported as ``(mp4 path, reason)``, the reason naming the file, line
+and key; its session is split there: the segments before it and those after it become separate episodes,
+never joined across the gap. Everything else is imported. Episodes already in the store are skipped, so
+re-running resumes (and skips the same bad segments again).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
+from urllib.parse import unquote, urlparse
 
 import av
 import numpy as np
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mstudio.actions import contractor_to_env, env_to_agent
-from mstudio.actions.contractor import EXTRA_BUTTONS
+from mstudio.actions.contractor import CAMERA_MODES, EXTRA_BUTTONS
 from mstudio.actions.mapping import BUTTONS
 from mstudio.data.store import EpisodeStore
 
@@ -43,6 +50,7 @@ __all__ = [
     "SOURCE_SIZE",
     "ImportSummary",
     "Segment",
+    "check_lines",
     "convert_segment",
     "discover",
     "draw_cursor",
@@ -90,29 +98,72 @@ def _parse_stem(stem: str) -> tuple[str, datetime] | None:
         return None
 
 
+def _base_dir(base: Any, index_path: Path) -> Path:
+    """The local directory a VPT index's ``basedir`` names: a ``file://`` URI (percent-decoded) or an absolute path;
+    anything else (VPT's own ``https://`` basedir) means the directory of the index file."""
+    if not isinstance(base, str):
+        raise ValueError(f"{index_path}: 'basedir' must be a string, got {type(base).__name__}")
+    if base.startswith("file://"):
+        return Path(unquote(urlparse(base).path))
+    return Path(base) if base.startswith("/") else index_path.parent
+
+
+def _read_index(path: Path) -> tuple[Path, list[str]]:
+    """``(base directory, relpaths)`` of a VPT index JSON; raises ``ValueError`` saying what is wrong with it."""
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a VPT index JSON (a directory of segments or an index.json with "
+                         f"'basedir' and 'relpaths' is expected): {error}") from None
+    relpaths = index.get("relpaths") if isinstance(index, dict) else None
+    if not isinstance(relpaths, list) or not all(isinstance(r, str) and r for r in relpaths):
+        raise ValueError(f"{path}: 'relpaths' must be a list of non-empty strings, "
+                         f"got {type(relpaths).__name__ if relpaths is not None else 'no relpaths'}")
+    return _base_dir(index.get("basedir", ""), path), relpaths
+
+
+def _dedupe(relpaths: list[str], base_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
+    """``relpaths`` in order without repeats; each repeat is reported in ``skipped`` (imported once)."""
+    counts = Counter(relpaths)
+    for relpath, count in counts.items():
+        if count > 1:
+            skipped.append((str(base_dir / f"{relpath}.mp4"), f"listed {count} times in the index; imported once"))
+    return list(dict.fromkeys(relpaths))
+
+
 def discover(src: str | Path) -> tuple[list[Segment], list[tuple[str, str]]]:
     """Segments under a directory, or listed by a VPT index JSON (``basedir`` + ``relpaths``, local files).
 
-    Returns the segments sorted by session and time, and ``(file, reason)`` for what could not be used.
+    Returns the segments sorted by session and time, and ``(file, reason)`` for what could not be used: a
+    relpath listed more than once, a stem that is not a contractor name, an ``.mp4`` or ``.jsonl`` without its
+    partner (or that is not a file).
+
+    Raises:
+        FileNotFoundError: ``src`` does not exist.
+        ValueError: ``src`` is a file but not a readable VPT index JSON.
     """
     src = Path(src)
     skipped: list[tuple[str, str]] = []
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist (a directory of segments or a VPT index JSON is expected)")
     if src.is_file():
-        index = json.loads(src.read_text())
-        base = index.get("basedir", "")
-        base_dir = Path(base.removeprefix("file://")) if base.startswith(("file://", "/")) else src.parent
-        relpaths = list(index["relpaths"])
+        base_dir, relpaths = _read_index(src)
+        relpaths = _dedupe(relpaths, base_dir, skipped)
     else:
         base_dir = src
-        relpaths = sorted(str(p.relative_to(src).with_suffix("")) for p in src.rglob("*.jsonl"))
+        stems = {p.relative_to(src).with_suffix("").as_posix() for p in (*src.rglob("*.jsonl"), *src.rglob("*.mp4"))}
+        relpaths = sorted(stems)
     segments = []
     for relpath in relpaths:
         jsonl, mp4 = base_dir / f"{relpath}.jsonl", base_dir / f"{relpath}.mp4"
         parsed = _parse_stem(Path(relpath).name)
         if parsed is None:
-            skipped.append((str(jsonl), "file name is not <alias>-<session>-<YYYYMMDD>-<HHMMSS>"))
-        elif not jsonl.exists() or not mp4.exists():
-            skipped.append((str(mp4 if jsonl.exists() else jsonl), "missing (needs both .mp4 and .jsonl)"))
+            name = jsonl if jsonl.exists() else mp4
+            skipped.append((str(name), "file name is not <alias>-<session>-<YYYYMMDD>-<HHMMSS>"))
+        elif not jsonl.is_file() or not mp4.is_file():
+            bad = [p for p in (mp4, jsonl) if not p.is_file()]
+            what = "is not a file" if bad[0].exists() else "missing"
+            skipped.append((str(bad[0]), f"{what} (a segment needs both a .mp4 and a .jsonl file)"))
         else:
             segments.append(Segment(relpath, mp4, jsonl, *parsed))
     segments.sort(key=lambda s: (s.session, s.start))
@@ -120,25 +171,92 @@ def discover(src: str | Path) -> tuple[list[Segment], list[tuple[str, str]]]:
 
 
 def _read_lines(path: Path) -> list[dict]:
+    """The parsed, checked lines of a segment's jsonl; raises ``ValueError`` naming the file and line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ValueError(f"{path.name} cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path.name} is not UTF-8 text (byte {error.start}: {error.reason})") from None
     lines = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
-        if text.strip():
+    for number, text_line in enumerate(text.splitlines(), start=1):
+        if text_line.strip():
             try:
-                lines.append(json.loads(text))
+                lines.append(json.loads(text_line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"line {number} is not valid JSON ({error.msg})") from None
+                raise ValueError(f"{path.name} line {number} is not valid JSON ({error.msg})") from None
+            check_lines(lines[-1:], path.name, first=number)
     if not lines:
-        raise ValueError("no action lines")
+        raise ValueError(f"{path.name} has no action lines")
     return lines
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+#: What the converter reads from a line: ``(device, key) -> (check, what is allowed)``; ``null`` is always allowed.
+_LINE_FIELDS = {
+    ("mouse", "x"): (_is_number, "a finite number"),
+    ("mouse", "y"): (_is_number, "a finite number"),
+    ("mouse", "dx"): (_is_number, "a finite number"),
+    ("mouse", "dy"): (_is_number, "a finite number"),
+    ("mouse", "buttons"): (_is_int_list, "a list of integers"),
+    ("mouse", "newButtons"): (_is_int_list, "a list of integers"),
+    ("keyboard", "keys"): (_is_str_list, "a list of strings"),
+    (None, "isGuiOpen"): (lambda v: isinstance(v, bool), "true or false"),
+    (None, "hotbar"): (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 8, "an integer 0-8"),
+}
+
+
+def _found(value: Any) -> str:
+    text = json.dumps(value)  # values come from JSON; NaN and Infinity print as such
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_lines(lines: list[Any], name: str = "jsonl", *, first: int = 1) -> None:
+    """Check that parsed contractor lines hold what :func:`contractor_to_env` reads, with the allowed types.
+
+    Args:
+        lines: parsed jsonl lines.
+        name: the file, for messages.
+        first: the line number of ``lines[0]`` (1-based).
+
+    Raises:
+        ValueError: ``"<name> line <n>: '<key>' must be <allowed>, got <found>"`` for the first bad value.
+    """
+    for number, line in enumerate(lines, start=first):
+        if not isinstance(line, Mapping):
+            raise ValueError(f"{name} line {number}: must be a JSON object, got {_found(line)}")
+        for device in ("mouse", "keyboard"):
+            if line.get(device) is not None and not isinstance(line[device], Mapping):
+                found = _found(line[device])
+                raise ValueError(f"{name} line {number}: '{device}' must be an object or null, got {found}")
+        for (device, key), (ok, allowed) in _LINE_FIELDS.items():
+            holder = line if device is None else (line.get(device) or {})
+            value = holder.get(key)
+            if value is not None and not ok(value):
+                where = key if device is None else f"{device}.{key}"
+                raise ValueError(f"{name} line {number}: '{where}' must be {allowed} or null, got {_found(value)}")
 
 
 def _decode(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path.name} has no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     if not frames:
-        raise ValueError("no video frames")
+        raise ValueError(f"{path.name} has no video frames")
     return np.stack(frames)
 
 
@@ -184,7 +302,7 @@ def convert_segment(segment: Segment, resolution: int, camera: str) -> dict[str,
     try:
         frames = _decode(segment.mp4)
     except (av.FFmpegError, OSError) as error:
-        raise ValueError(f"video cannot be decoded ({error})") from None
+        raise ValueError(f"{segment.mp4.name}: video cannot be decoded ({error})") from None
     if not len(lines) <= len(frames) <= len(lines) + 1:
         raise ValueError(f"{len(frames)} video frames for {len(lines)} action lines (needs n_lines or n_lines + 1)")
     if frames.shape[1:3] != SOURCE_SIZE:
@@ -248,32 +366,60 @@ def import_vpt(
 
     Returns:
         an :class:`ImportSummary`. An episode's id is its first segment's relpath.
+
+    Raises:
+        ValueError: ``resolution`` < 1, an unknown ``camera``, a store of another image size, or ``src`` a file
+            that is not a VPT index JSON (checked before any segment is read).
+        FileNotFoundError: ``src`` does not exist.
     """
-    if tuple(store.image_size) != (resolution, resolution):
-        raise ValueError(f"the store holds {store.image_size} frames but resolution={resolution} was asked for")
+    _check_arguments(store, resolution, camera)
     segments, skipped = discover(src)
     summary = ImportSummary(skipped=skipped)
     bar = tqdm(total=len(segments), unit="segment", desc="import-vpt", disable=not progress)
     for group in _episodes(segments, max_gap):
-        pending: list[tuple[Segment, dict]] = []
-        done: set[str] = set()  # segments of episodes a previous run imported
-        for segment in group:
-            bar.update(1)
-            if segment.relpath in done:
-                continue
-            if not pending and segment.relpath in store:  # resume: this episode is in the store already
-                summary.already_present.append(segment.relpath)
-                done.update(store.info(segment.relpath)["segments"])
-                continue
-            try:
-                pending.append((segment, convert_segment(segment, resolution, camera)))
-            except ValueError as error:
-                summary.skipped.append((str(segment.mp4), str(error)))
-                _append(store, pending, summary)  # the episode is split at the unreadable segment
-                pending = []
-        _append(store, pending, summary)
+        _import_episode(group, store, summary, resolution, camera, bar)
     bar.close()
     return summary
+
+
+def _check_arguments(store: EpisodeStore, resolution: int, camera: str) -> None:
+    """Raise ``ValueError`` for arguments every segment would fail on, before anything is read."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be an integer >= 1, got {resolution!r}")
+    if camera not in CAMERA_MODES:
+        raise ValueError(f"camera must be one of {CAMERA_MODES}, got {camera!r}")
+    if tuple(store.image_size) != (resolution, resolution):
+        raise ValueError(f"the store holds {store.image_size} frames but resolution={resolution} was asked for")
+
+
+def _import_episode(
+    group: list[Segment], store: EpisodeStore, summary: ImportSummary, resolution: int, camera: str, bar: tqdm
+) -> None:
+    """Append one session's consecutive segments as episodes, split at every segment that cannot be used.
+
+    A bad segment is reported in ``summary.skipped`` and never bridged: the segments before it form one
+    episode, those after it another (its id is its first segment's relpath, its first frame flagged
+    ``FLAG_SEGMENT_START``). A segment already in the store (a previous run) also ends the pending episode.
+    """
+    pending: list[tuple[Segment, dict]] = []
+    done: set[str] = set()  # segments of episodes a previous run imported
+    for segment in group:
+        bar.update(1)
+        if segment.relpath in done:
+            continue
+        if segment.relpath in store:  # resume: this episode is in the store already
+            _append(store, pending, summary)
+            pending = []
+            summary.already_present.append(segment.relpath)
+            done.update(store.info(segment.relpath)["segments"])
+            continue
+        try:
+            pending.append((segment, convert_segment(segment, resolution, camera)))
+        except ValueError as error:
+            summary.skipped.append((str(segment.mp4), str(error)))
+            _append(store, pending, summary)  # the episode is split at the unusable segment
+            pending = []
+    _append(store, pending, summary)
 
 
 def _append(store: EpisodeStore, pending: list[tuple[Segment, dict]], summary: ImportSummary) -> None:

@@ -154,7 +154,7 @@ def _write_video(path: Path, count: int, colours: list[tuple[int, int, int]]) ->
             container.mux(packet)
 
 
-def synthesize_contractor(dest, *, episodes: int = 2, frames: int = 60, seed: int = 0) -> Path:
+def synthesize_contractor(dest: str | Path, *, episodes: int = 2, frames: int = 60, seed: int = 0) -> Path:
     """Write ``episodes`` contractor sessions of two segments (5 minutes apart) of ``frames`` lines each.
 
     The first segment of the first session holds the scripted cases and one extra trailing video frame;
@@ -163,8 +163,15 @@ def synthesize_contractor(dest, *, episodes: int = 2, frames: int = 60, seed: in
     after it ended, so it must become an episode of its own.
 
     Returns:
-        the path of ``index.json``.
+        the path of ``index.json``; its ``basedir`` is a ``file://`` URI (percent-encoded, as VPT's are URLs).
+
+    Raises:
+        ValueError: ``episodes`` < 0, or ``frames`` outside ``[1, 2**BITS - 2]`` (the barcode numbers every frame).
     """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 0:
+        raise ValueError(f"episodes must be an integer >= 0, got {episodes!r}")
+    if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames < 2**BITS - 1:
+        raise ValueError(f"frames must be an integer in [1, {2**BITS - 2}] (the barcode numbers them), got {frames!r}")
     rng = random.Random(seed)
     root = Path(dest)
     (root / VERSION).mkdir(parents=True, exist_ok=True)
