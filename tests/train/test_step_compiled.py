@@ -23,17 +23,29 @@ EMA_DECAY = 0.5
 NAN_STEP = 3
 
 
+def _poisoned_at(step: int, objective):
+    """``objective`` whose loss is NaN at ``step`` (a NaN mask would be refused at the edge): that update must be
+    skipped, inside the compiled graph."""
+
+    def poisoned(batch, latents, params):
+        out = objective(batch, latents, params)
+        nan_here = torch.where(batch[losses.STEP_KEY] == step, float("nan"), 1.0)
+        return {**out, "loss": out["loss"] * nan_here}
+
+    poisoned.hyperparams = losses.hyperparams_of(objective)
+    return poisoned
+
+
 def _setup():
     torch.manual_seed(0)
     policy = TinyPolicy(hidsize=16, image_size=16)
     optimizer = mstudio.optim.adamw(1e-3, weight_decay=0.1, warmup_steps=WARMUP, clip_norm=1.0)
-    objective = losses.weighted(losses.behavior_clone, losses.Hyperparam("bc_weight", 0.01))
+    objective = _poisoned_at(NAN_STEP, losses.weighted(losses.behavior_clone, losses.Hyperparam("bc_weight", 0.01)))
     # Six steps: row 1 restarts its episode at steps 2 and 4, row 0 never does; the warmup ends at step 3.
     batches = [random_batch(2, 4, 16, seed=i, start=torch.tensor([4 * i, 4 * (i % 2)])) for i in range(6)]
     for batch in batches:
         batch["mask"] = batch["mask"].float()
     del batches[1]["mask"], batches[4]["mask"]  # an optional mask that comes and goes
-    batches[NAN_STEP]["mask"][0, 1] = float("nan")  # a poisoned batch: its update must be skipped
     return policy, optimizer, objective, batches
 
 
