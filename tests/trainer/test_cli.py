@@ -95,15 +95,22 @@ class Progress:
             self.step = max([self.step, *steps])
 
 
+def start_run(config: Path, name: str, *, past_step: int, checkpoint: bool) -> tuple[subprocess.Popen, Progress]:
+    """``mstudio train`` in a subprocess, returned once it has gone past ``past_step`` (and, with ``checkpoint``,
+    written a checkpoint)."""
+    process = run_cli("train", "--config", config, "--name", name)
+    progress = Progress(process, total=1000)
+    run_dir, deadline = config.parent / name, time.monotonic() + 300
+    while progress.step < past_step or (checkpoint and not list_checkpoints(run_dir)):
+        assert process.poll() is None and time.monotonic() < deadline, f"the run ended or never passed {past_step}"
+        time.sleep(0.01)
+    return process, progress
+
+
 def test_resume_after_sigkill_between_checkpoints_is_exact(tmp_path, store):
     config = write_config(tmp_path / "run.toml", f'store = "{store}"\nval_episodes = 1',
                           f'out = "{tmp_path}"\ncompile = false\nckpt_every = 5\nval_every = 3\nmax_steps = 1000')
-    killed = run_cli("train", "--config", config, "--name", "killed")
-    progress = Progress(killed, total=1000)
-    deadline = time.monotonic() + 300
-    while not (list_checkpoints(tmp_path / "killed") and progress.step >= 7):
-        assert killed.poll() is None and time.monotonic() < deadline, "the run ended or never reached step 7"
-        time.sleep(0.01)
+    killed, progress = start_run(config, "killed", past_step=7, checkpoint=True)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     saved = int(latest_checkpoint(tmp_path / "killed").name.removeprefix("step_"))
@@ -123,12 +130,7 @@ def test_resume_after_sigkill_between_checkpoints_is_exact(tmp_path, store):
 def test_ctrl_c_saves_a_checkpoint_to_resume_from_exactly(tmp_path, store):
     config = write_config(tmp_path / "run.toml", f'store = "{store}"\nval_episodes = 1',
                           f'out = "{tmp_path}"\ncompile = false\nckpt_every = 100\nval_every = 3\nmax_steps = 1000')
-    interrupted = run_cli("train", "--config", config, "--name", "interrupted")
-    progress = Progress(interrupted, total=1000)
-    deadline = time.monotonic() + 300
-    while progress.step < 7:
-        assert interrupted.poll() is None and time.monotonic() < deadline, "the run ended or never reached step 7"
-        time.sleep(0.01)
+    interrupted, _ = start_run(config, "interrupted", past_step=7, checkpoint=False)
     interrupted.send_signal(signal.SIGINT)
     assert interrupted.wait(timeout=120) == 130
     saved = int(latest_checkpoint(tmp_path / "interrupted").name.removeprefix("step_"))
