@@ -98,7 +98,10 @@ class Progress:
 def start_run(config: Path, name: str, *, past_step: int, checkpoint: bool) -> tuple[subprocess.Popen, Progress]:
     """``mstudio train`` in a subprocess, returned once it has gone past ``past_step`` (and, with ``checkpoint``,
     written a checkpoint)."""
-    process = run_cli("train", "--config", config, "--name", name)
+    # A shell that starts the test suite in the background leaves SIGINT ignored in its children, and Python
+    # then installs no KeyboardInterrupt handler: give the run the default disposition, as a terminal would.
+    process = run_cli("train", "--config", config, "--name", name,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     progress = Progress(process, total=1000)
     run_dir, deadline = config.parent / name, time.monotonic() + 300
     while progress.step < past_step or (checkpoint and not list_checkpoints(run_dir)):
