@@ -55,8 +55,9 @@ def value_and_grad_autograd(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple
 
 
 def _keep_if(ok: Tensor, new: Any, old: Any) -> Any:
-    """Leaf by leaf ``new`` where ``ok`` (a bool 0-d tensor) else ``old``; ``None`` leaves stay ``None``."""
-    return optree.tree_map(lambda n, o: torch.where(ok, n, o), new, old, none_is_leaf=False)
+    """Leaf by leaf ``new`` where ``ok`` (a bool 0-d tensor) else ``old``; ``None`` leaves stay ``None``, and a
+    leaf the update passed through unchanged (the same tensor) costs no ``where`` (fewer nodes to compile)."""
+    return optree.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old, none_is_leaf=False)
 
 
 def _ema(ema: dict[str, Tensor] | None, params: dict[str, Tensor], decay: float | None) -> dict[str, Tensor] | None:
