@@ -2,7 +2,8 @@
 
 Importable on its own (it needs only torch, :mod:`mstudio.distributions` and :mod:`mstudio.actions`, never
 the trainer, the data stack or the models). The contract (what an objective receives and returns, the step
-counter and hyper-parameters it may read) is in :mod:`losses.api`. Combine and weight objectives with :func:`combine` and :func:`weighted`::
+counter and hyper-parameters it may read) is in :mod:`losses.api`. Combine and weight objectives with
+:func:`combine` and :func:`weighted`::
 
     objective = losses.combine(losses.weighted(losses.behavior_clone, 0.01), losses.kl_gaussian)
     out = objective(batch, latents, params)

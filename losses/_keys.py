@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 from torch import Tensor
@@ -26,3 +27,12 @@ def step_mask(batch: Mapping[str, Any], like: Tensor) -> Tensor:
     if tuple(mask.shape) != tuple(like.shape):
         raise ValueError(f"batch['mask'] must have shape {tuple(like.shape)} (B, T), got {tuple(mask.shape)}")
     return mask.to(like.dtype)
+
+
+def deprecated_weight(weight: float | None, objective: str) -> float:
+    """The ``weight=`` an objective still accepts (1 when not given), with a warning that points to ``weighted``."""
+    if weight is None:
+        return 1.0
+    warnings.warn(f"{objective}(weight=w) is deprecated; use losses.weighted(losses.{objective}, w)",
+                  DeprecationWarning, stacklevel=3)
+    return weight

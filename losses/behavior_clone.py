@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from losses._keys import require, step_mask
+from losses._keys import deprecated_weight, require, step_mask
 from mstudio import distributions
 from mstudio.actions import CAMERA_NULL
 
@@ -50,11 +49,7 @@ def behavior_clone(
     entropy_camera = (entropy["camera"] * mask * camera_moved).sum(-1)
     entropy_buttons = (entropy["buttons"] * mask).sum(-1)
     camera_loss, button_loss = -logp_camera, -logp_buttons
-    if weight is None:
-        weight = 1.0
-    else:
-        warnings.warn("behavior_clone(weight=w) is deprecated; use losses.weighted(losses.behavior_clone, w)",
-                      DeprecationWarning, stacklevel=2)
+    weight = deprecated_weight(weight, "behavior_clone")
     return {
         "loss": (camera_loss + button_loss).mean() * weight,
         "camera_loss": camera_loss.mean(),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 
-from losses._keys import require
+from losses._keys import deprecated_weight, require
 from mstudio.distributions import diagonal_gaussian_kl
 
 __all__ = ["kl_gaussian"]
@@ -33,11 +32,7 @@ def kl_gaussian(
         for key in ("mu", "log_var"):
             require(dist, key, f"latents[{name!r}]", "kl_gaussian")
     kl = diagonal_gaussian_kl(posterior["mu"], posterior["log_var"], prior["mu"], prior["log_var"])
-    if weight is None:
-        weight = 1.0
-    else:
-        warnings.warn("kl_gaussian(weight=w) is deprecated; use losses.weighted(losses.kl_gaussian, w)",
-                      DeprecationWarning, stacklevel=2)
+    weight = deprecated_weight(weight, "kl_gaussian")
     return {
         "loss": kl.mean() * weight,
         "kl_div": kl.mean(),

@@ -34,11 +34,11 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 import losses
 from mstudio.batch import check_batch, normalize_batch
-from mstudio.bridge import functionalize
 from mstudio.distributions import diagonal_gaussian_kl
 from mstudio.optim import adamw
 from mstudio.policy import check_policy
-from mstudio.train import TrainState, carry_memory, episode_starts, init_state, make_train_step
+from mstudio.train import TrainState, init_state, make_train_step
+from mstudio.train.evaluate import evaluate
 
 __all__ = [
     "BehaviorCloneCallback",
@@ -367,29 +367,9 @@ class MineLightning:
         step's rule; it is not shared with training (MineStudio shares it, a bug).
         """
         objective = callbacks_to_objective(self.callbacks, self.mine_policy, step_name="val")
-        apply_fn, _, _ = functionalize(self.mine_policy)
-        totals: dict[str, float] = {}
-        count = 0
-        with torch.no_grad():
-            for index, raw in enumerate(val_batches):
-                batch = self._prepare(raw, index, "val")
-                timestamp = batch["timestamp"]
-                if count == 0:  # the pass's memory, sized by its first batch
-                    batch_size = timestamp.shape[0]
-                    init_memory = memory = self.mine_policy.initial_state(batch_size)
-                    last_timestamp = torch.zeros_like(timestamp[:, 0])
-                check_batch(batch, batch_size=batch_size)
-                memory = carry_memory(memory, init_memory, episode_starts(timestamp, last_timestamp))
-                latents, memory = apply_fn(state.params, state.buffers, batch, memory)
-                last_timestamp = timestamp[:, -1]
-                step_entries = {losses.STEP_KEY: state.step, losses.HYPERPARAMS_KEY: state.hyperparams}
-                out = objective({**batch, **step_entries}, latents, state.params)
-                for key, value in out.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
-                count += 1
-        if count == 0:
-            raise ValueError("val_batches yielded no batch")
-        return {f"val/{key}": total / count for key, total in totals.items()}
+        batches = (self._prepare(raw, index, "val") for index, raw in enumerate(val_batches))
+        means = evaluate(self.mine_policy, objective, state, batches)
+        return {f"val/{key}": value for key, value in means.items()}
 
 
 def _floats(step_name: str, metrics: Mapping[str, Tensor]) -> dict[str, float]:

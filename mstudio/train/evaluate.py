@@ -7,7 +7,7 @@ validation pass corrupts the memory the next training batch continues from. Here
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import optree
 import torch
@@ -19,7 +19,7 @@ from mstudio.bridge import functionalize
 from mstudio.train.memory import carry_memory, episode_starts
 from mstudio.train.state import TrainState, check_memory, objective_batch
 
-__all__ = ["EvalCarry", "init_eval_carry", "make_eval_step"]
+__all__ = ["EvalCarry", "evaluate", "init_eval_carry", "make_eval_step"]
 
 
 class EvalCarry(NamedTuple):
@@ -62,3 +62,28 @@ def make_eval_step(policy: nn.Module, objective: Objective):
         return EvalCarry(state_out, carry.init_memory, timestamp[:, -1]), metrics
 
     return eval_step
+
+
+def evaluate(policy: nn.Module, objective: Objective, state: TrainState, batches: Iterable[Mapping[str, Any]], *,
+             use_ema: bool = False) -> dict[str, float]:
+    """The objective's metrics averaged over ``batches`` (no update), with a memory of their own that starts
+    from ``policy.initial_state(B)`` (``B`` from the first batch) and follows the train step's reset rule.
+
+    Metrics stay on the device until the end: one host sync for the whole pass.
+
+    Raises:
+        ValueError: ``batches`` is empty.
+    """
+    eval_step = make_eval_step(policy, objective)
+    carry, totals, count = None, {}, 0
+    for batch in batches:
+        if carry is None:
+            carry = init_eval_carry(policy, batch["timestamp"].shape[0])
+        carry, metrics = eval_step(state, carry, batch, use_ema=use_ema)
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value.detach().double()
+        count += 1
+    if count == 0:
+        raise ValueError("evaluate: the batches to evaluate are empty (an exhausted iterator?)")
+    names = list(totals)
+    return dict(zip(names, (torch.stack([totals[n] for n in names]) / count).tolist()))

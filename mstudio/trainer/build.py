@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 import losses
-from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, RandomWindows, WindowDataset
+from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, RandomWindows, Sampler, WindowDataset
 from mstudio.data.synthetic import fill_store
 from mstudio.models import VPTPolicy
 from mstudio.optim import GradientTransformation, adamw
 from mstudio.trainer.config import ConfigError, DataConfig, OptimizerConfig, PolicyConfig
 
-__all__ = ["HYPERPARAM_NAMES", "build_loaders", "build_objective", "build_optimizer", "build_policy", "open_store",
-           "policy_config"]
+__all__ = ["HYPERPARAM_NAMES", "build_loaders", "build_objective", "build_optimizer", "build_policy", "build_sampler",
+           "open_store", "policy_config"]
 
 #: The state hyper-parameter that holds each objective's weight (named as MineStudio logs the weight).
 HYPERPARAM_NAMES = {"behavior_clone": "bc_weight", "kl_gaussian": "kl_weight"}
@@ -59,14 +59,19 @@ def open_store(config: DataConfig, image_shape: tuple[int, int, int], out: str) 
     return store
 
 
+def build_sampler(config: DataConfig, seed: int, *, shuffle: bool = True) -> Sampler:
+    """The sampler ``config.sampler`` names, for ``config.batch_size`` rows."""
+    kind = EpisodeContinuous if config.sampler == "continuous" else RandomWindows
+    return kind(config.batch_size, seed=seed, shuffle=shuffle)
+
+
 def build_loaders(config: DataConfig, store: EpisodeStore, seed: int) -> tuple[Loader, Loader | None]:
     """The train loader over all but the last ``val_episodes`` episodes, and a validation loader over those."""
     episodes = store.episode_ids
     held_out = config.val_episodes if len(episodes) > config.val_episodes else 0
     train_ids, val_ids = episodes[: len(episodes) - held_out], episodes[len(episodes) - held_out:]
-    kind = EpisodeContinuous if config.sampler == "continuous" else RandomWindows
     train = Loader(WindowDataset(store, config.window, train_ids, skip_frame=config.skip_frame),
-                   kind(config.batch_size, seed=seed), num_workers=config.num_workers)
+                   build_sampler(config, seed), num_workers=config.num_workers)
     if len(train) == 0:
         raise ConfigError(f"data: {len(train_ids)} training episodes make no batch of batch_size "
                           f"{config.batch_size} with sampler {config.sampler!r}; use more episodes or fewer rows")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, RandomWindows, WindowDataset
+from mstudio.data import EpisodeStore, Loader, WindowDataset
 from mstudio.train import TrainState, init_state
-from mstudio.train.evaluate import init_eval_carry, make_eval_step
+from mstudio.train.evaluate import evaluate
 from mstudio.trainer import build
 from mstudio.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta
 from mstudio.trainer.config import TrainConfig, config_from_dict
@@ -45,8 +45,7 @@ def _eval_loader(config: TrainConfig, store: EpisodeStore) -> Loader:
     data, seed = config.data, config.run.seed
     # Episode-continuous rows carry memory from window to window, as in training; shuffle=False makes the
     # result independent of the run's seed.
-    sampler = (EpisodeContinuous(data.batch_size, seed=seed, shuffle=False) if data.sampler == "continuous"
-               else RandomWindows(data.batch_size, seed=seed, shuffle=False))
+    sampler = build.build_sampler(data, seed, shuffle=False)
     loader = Loader(WindowDataset(store, data.window, store.episode_ids, skip_frame=data.skip_frame), sampler)
     if len(loader) == 0:
         raise ValueError(f"{store.root}: its {len(store.episode_ids)} episodes make no batch of batch_size "
@@ -99,19 +98,5 @@ def evaluate_checkpoint(path: str | os.PathLike[str], store: str | os.PathLike[s
         if tuple(store.image_size) != tuple(policy.config.img_shape[:2]):
             raise ValueError(f"{store.root}: frames are {tuple(store.image_size)} but the policy takes "
                              f"{tuple(policy.config.img_shape[:2])}; import the store at the policy's resolution")
-        return _mean_metrics(policy, state, config, _eval_loader(config, store), batches)
-
-
-def _mean_metrics(policy: torch.nn.Module, state: TrainState, config: TrainConfig, loader: Loader,
-                  batches: int | None) -> dict[str, float]:
-    """The eval step's metrics averaged over ``loader``'s first ``batches`` batches (one host sync at the end)."""
-    eval_step = make_eval_step(policy, build.build_objective(config.objectives))
-    carry = init_eval_carry(policy, config.data.batch_size)
-    totals: dict[str, torch.Tensor] = {}
-    count = 0
-    for batch in itertools.islice(loader, batches):
-        carry, metrics = eval_step(state, carry, batch, use_ema=True)
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + value.double()
-        count += 1
-    return {key: float(total) / count for key, total in totals.items()}
+        loader = itertools.islice(_eval_loader(config, store), batches)
+        return evaluate(policy, build.build_objective(config.objectives), state, loader, use_ema=True)

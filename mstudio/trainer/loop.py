@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mstudio.train import init_state, make_train_step
-from mstudio.train.evaluate import init_eval_carry, make_eval_step
+from mstudio.train.evaluate import evaluate
 from mstudio.trainer import build
 from mstudio.trainer.checkpoint import export_policy, latest_checkpoint, load_checkpoint, save_checkpoint
 from mstudio.trainer.config import ConfigError, TrainConfig, config_from_dict, read_config_table
@@ -71,7 +71,6 @@ class Trainer:
                                 ema=run.ema_decay is not None)
         self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
                                     ema_decay=run.ema_decay)
-        self.eval_step = make_eval_step(self.policy, self.objective)
         if resume:
             self._restore()
         self._batch_stream = self._batches()  # one stream for every train() call, so calls continue it
@@ -121,14 +120,8 @@ class Trainer:
         if self.val_loader is None:
             return {}
         self.val_loader.load_state_dict({"epoch": 0, "batch": 0})  # the same batches every time
-        carry = init_eval_carry(self.policy, self.config.data.batch_size)
-        totals: dict[str, float] = {}
-        batches = list(itertools.islice(self.val_loader, self.config.run.val_batches))
-        for batch in batches:
-            carry, metrics = self.eval_step(self.state, carry, batch, use_ema=True)
-            for key, value in _to_host(metrics).items():
-                totals[key] = totals.get(key, 0.0) + value
-        return {key: value / len(batches) for key, value in totals.items()}
+        batches = itertools.islice(self.val_loader, self.config.run.val_batches)
+        return evaluate(self.policy, self.objective, self.state, batches, use_ema=True)
 
     def fit(self) -> dict[str, Any]:
         """Train up to ``run.max_steps``, then export the policy (the EMA weights when kept).

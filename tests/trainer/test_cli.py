@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mstudio.cli import main
 from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, WindowDataset, fill_store
-from mstudio.train.evaluate import init_eval_carry
+from mstudio.train.evaluate import init_eval_carry, make_eval_step
 from mstudio.trainer import Trainer, evaluate_checkpoint
 from mstudio.trainer.checkpoint import latest_checkpoint, list_checkpoints
 
@@ -226,13 +226,14 @@ def test_eval_prints_the_mean_validation_metrics(finished, out, capsys):
     assert lines[0].startswith(f"checkpoint {finished / 'checkpoints' / 'step_3'}")
     printed = {key: float(value) for key, value in (line.split(" = ") for line in lines[1:])}
 
-    trainer = Trainer.resume(finished)  # the run's policy, objective and eval step at its checkpoint
+    trainer = Trainer.resume(finished)  # the run's policy and objective at its checkpoint
     episodes = EpisodeStore.open(store)
     loader = Loader(WindowDataset(episodes, 4, episodes.episode_ids), EpisodeContinuous(2, shuffle=False))
     carry = init_eval_carry(trainer.policy, 2)
+    eval_step = make_eval_step(trainer.policy, trainer.objective)
     totals: dict[str, float] = {}
     for _, batch in zip(range(5), loader):
-        carry, metrics = trainer.eval_step(trainer.state, carry, batch, use_ema=True)
+        carry, metrics = eval_step(trainer.state, carry, batch, use_ema=True)
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + value.item()
     assert printed == {key: total / 5 for key, total in totals.items()}
