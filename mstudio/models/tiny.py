@@ -40,8 +40,8 @@ class TinyPolicy(nn.Module):
         self.value = nn.Linear(hidsize, 1)
 
     def initial_state(self, batch_size: int) -> tuple[Tensor]:
-        """``(h,)`` with ``h`` float32 zeros ``(batch_size, hidsize)``."""
-        return (torch.zeros(batch_size, self.hidsize, device=self.value.weight.device),)
+        """``(h,)`` with ``h`` zeros ``(batch_size, hidsize)`` in the parameters' dtype (float32 unless converted)."""
+        return (torch.zeros(batch_size, self.hidsize, dtype=self.value.weight.dtype, device=self.value.weight.device),)
 
     def forward(self, batch: Mapping[str, Any], state_in: tuple[Tensor]) -> tuple[dict[str, Any], tuple[Tensor]]:
         """Args: ``batch["image"]`` uint8 ``(B, T, H, W, 3)``; ``state_in = (h,)``, float32 ``(B, hidsize)``.
@@ -58,7 +58,7 @@ class TinyPolicy(nn.Module):
         if tuple(h.shape) != (B, self.hidsize):
             raise ValueError(f"TinyPolicy needs state_in (h,) with h of shape {(B, self.hidsize)}, got {tuple(h.shape)}")
 
-        x = image.reshape(B * T, *image.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
+        x = image.reshape(B * T, *image.shape[2:]).permute(0, 3, 1, 2).to(self.conv1.weight.dtype) / 255.0
         x = F.relu(self.conv2(F.relu(self.conv1(x))))
         x = F.relu(self.encoder_out(x.flatten(1))).view(B, T, self.hidsize)
         outputs = []
