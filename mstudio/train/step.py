@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import optree
 import torch
@@ -25,7 +25,16 @@ from mstudio.policy import check_policy
 from mstudio.train.memory import carry_memory, episode_starts
 from mstudio.train.state import TrainState, objective_batch
 
-__all__ = ["TrainStep", "make_train_step", "train_step_function", "value_and_grad_autograd", "value_and_grad_func"]
+__all__ = [
+    "Gradients",
+    "TrainStep",
+    "make_train_step",
+    "reached_parameters",
+    "train_step_function",
+    "train_step_parts",
+    "value_and_grad_autograd",
+    "value_and_grad_func",
+]
 
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, Any]]
 StepFn = Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, Tensor]]]
@@ -94,7 +103,48 @@ def train_step_function(
             and EMA as they were (``torch.where``: no host sync) and count it in ``skipped_updates``.
     """
 
+    gradients, update = train_step_parts(apply_fn, objective, optimizer, reached, value_and_grad,
+                                         autocast_dtype=autocast_dtype, ema_decay=ema_decay,
+                                         skip_nonfinite=skip_nonfinite)
+
     def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
+        return update(state, batch, gradients(state, batch))
+
+    return train_step
+
+
+class Gradients(NamedTuple):
+    """What the first half of a step computes: ``grads`` (name -> tensor, for the ``reached`` parameters only),
+    the ``loss``, the objective's ``out`` dict and the policy's ``state_out``."""
+
+    grads: dict[str, Tensor]
+    loss: Tensor
+    out: dict[str, Tensor]
+    state_out: Any
+
+
+def train_step_parts(
+    apply_fn: Callable,
+    objective: Objective,
+    optimizer: GradientTransformation,
+    reached: frozenset[str],
+    value_and_grad: Callable = value_and_grad_func,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    ema_decay: float | None = None,
+    skip_nonfinite: bool = True,
+) -> tuple[Callable[[TrainState, Mapping[str, Any]], Gradients],
+           Callable[[TrainState, Mapping[str, Any], Gradients], tuple[TrainState, dict[str, Tensor]]]]:
+    """:func:`train_step_function`'s two halves, pure: ``gradients(state, batch) -> Gradients`` (memory carry,
+    forward, objective, gradients) and ``update(state, batch, gradients) -> (new_state, metrics)`` (optimizer,
+    guard, EMA, carry). ``update(state, batch, gradients(state, batch))`` is the step.
+
+    They are apart so the first can be ``torch.func.vmap``-ed over stacked states (a sweep of K variants in one
+    call, :mod:`mstudio.research.sweep`) while the second, whose ``torch._foreach_*`` kernels have no vmap rule,
+    runs per variant. Arguments as for :func:`train_step_function`.
+    """
+
+    def gradients(state: TrainState, batch: Mapping[str, Any]) -> Gradients:
         timestamp = batch["timestamp"]
         precision = (
             functools.partial(torch.autocast, timestamp.device.type, dtype=autocast_dtype)
@@ -114,8 +164,12 @@ def train_step_function(
             return out["loss"], (out, state_out)
 
         grads, loss, (out, state_out) = value_and_grad(loss_fn, trainable)
+        return Gradients(grads, loss, dict(out), state_out)
+
+    def update(state: TrainState, batch: Mapping[str, Any], computed: Gradients) -> tuple[TrainState, dict[str, Tensor]]:
+        loss, out = computed.loss, computed.out
         # None marks "no gradient": the optimizer leaves those parameters and their moments alone.
-        grads = {name: grads.get(name) for name in state.params}
+        grads = {name: computed.grads.get(name) for name in state.params}
         grad_norm = global_norm(grads)
         metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
         if optimizer.learning_rate is not None:
@@ -125,7 +179,7 @@ def train_step_function(
         ema = _ema(state.ema, params, ema_decay)
         # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
         # guards on input strides and a strided view here would recompile it on the second call.
-        carried = optree.tree_map(lambda t: t.detach().contiguous(), state_out)
+        carried = optree.tree_map(lambda t: t.detach().contiguous(), computed.state_out)
         skipped = state.skipped_updates
         if skip_nonfinite:
             ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
@@ -139,14 +193,14 @@ def train_step_function(
             params=params,
             opt_state=opt_state,
             memory=carried,
-            last_timestamp=timestamp[:, -1].contiguous(),
+            last_timestamp=batch["timestamp"][:, -1].contiguous(),
             step=state.step + 1,
             ema=ema,
             skipped_updates=skipped,
         )
         return new_state, metrics
 
-    return train_step
+    return gradients, update
 
 
 class TrainStep:
@@ -200,7 +254,7 @@ class TrainStep:
                 "make_train_step(ema_decay=...) and init_state(..., ema=True) go together: "
                 f"ema_decay={self._options['ema_decay']}, state.ema is {'absent' if state.ema is None else 'kept'}"
             )
-        self.reached = self._probe(state, batch)
+        self.reached = reached_parameters(self.policy, self.objective, state, batch)
         self._batch_keys = frozenset(batch)
         traceable = value_and_grad_func if self.compile else value_and_grad_autograd
         step_fn = train_step_function(self.apply_fn, self.objective, self.optimizer, self.reached, traceable,
@@ -213,24 +267,31 @@ class TrainStep:
         mode = "reduce-overhead" if self._cuda_graphs else None
         self._step_fn = torch.compile(step_fn, fullgraph=True, mode=mode)
 
-    def _probe(self, state: TrainState, batch: Mapping[str, Any]) -> frozenset[str]:
-        """Run forward and objective once with autograd and return the names of the parameters the loss reaches."""
-        params = {name: p.detach().requires_grad_() for name, p in state.params.items()}
 
-        def run():
-            with torch.enable_grad():
-                latents, state_out = self.apply_fn(params, state.buffers, batch, state.memory)
-                out = self.objective(objective_batch(batch, state), latents, params)
-            return out, state_out
+def reached_parameters(policy: nn.Module, objective: Objective, state: TrainState,
+                       batch: Mapping[str, Any]) -> frozenset[str]:
+    """Run forward and objective once with autograd and return the names of the parameters the loss reaches.
 
-        out, state_out = check_stateless_forward(self.policy, state.buffers, run)
-        loss = check_output(out, self.objective)["loss"]
-        if not loss.requires_grad:
-            raise ValueError(f"the loss of objective {objective_name(self.objective)} depends on no trainable parameter")
-        _check_same_memory(state.memory, state_out)
-        names = list(params)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        return frozenset(name for name, grad in zip(names, grads) if grad is not None)
+    Also checks that the forward is stateless, the objective's output keeps the contract, the loss reaches some
+    parameter and ``state_out`` has the memory's structure (the checks :class:`TrainStep` runs on its first call).
+    """
+    apply_fn, _, _ = functionalize(policy)
+    params = {name: p.detach().requires_grad_() for name, p in state.params.items()}
+
+    def run():
+        with torch.enable_grad():
+            latents, state_out = apply_fn(params, state.buffers, batch, state.memory)
+            out = objective(objective_batch(batch, state), latents, params)
+        return out, state_out
+
+    out, state_out = check_stateless_forward(policy, state.buffers, run)
+    loss = check_output(out, objective)["loss"]
+    if not loss.requires_grad:
+        raise ValueError(f"the loss of objective {objective_name(objective)} depends on no trainable parameter")
+    _check_same_memory(state.memory, state_out)
+    names = list(params)
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return frozenset(name for name, grad in zip(names, grads) if grad is not None)
 
 
 def _check_same_memory(memory: Any, state_out: Any) -> None:
