@@ -229,11 +229,18 @@ class TrainStep:
         self._cuda_graphs = False
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
+        batch = self._prepare(state, batch, state.batch_size)
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._step_fn(state, batch)
+
+    def _prepare(self, state: TrainState, batch: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+        """``batch`` checked and normalized; on the first call, the step built for ``state`` (one, unstacked)."""
         for reserved in (STEP_KEY, HYPERPARAMS_KEY):
             if reserved in batch:
                 raise ValueError(f"batch key {reserved!r} is reserved: the step hands objectives its own there "
                                  "(see losses.api)")
-        check_batch(batch, batch_size=state.batch_size, check_values=self.validate)
+        check_batch(batch, batch_size=batch_size, check_values=self.validate)
         if self._mask_dtype is None and "mask" in batch:
             self._mask_dtype = batch["mask"].dtype  # a mask filled in later takes the run's dtype: no recompile
         batch = normalize_batch(batch, mask_dtype=self._mask_dtype or torch.uint8)
@@ -244,9 +251,7 @@ class TrainStep:
                 f"batch keys changed since the first batch: missing {sorted(self._batch_keys - set(batch))}, "
                 f"new {sorted(set(batch) - self._batch_keys)}; every batch of a run must have the same tensor keys"
             )
-        if self._cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        return self._step_fn(state, batch)
+        return batch
 
     def _build(self, state: TrainState, batch: Mapping[str, Any]) -> None:
         if (state.ema is None) != (self._options["ema_decay"] is None):
