@@ -28,7 +28,12 @@ from losses import api
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Hyperparam, Objective, Schedule, hyperparams_of
 from losses.behavior_clone import behavior_clone
 from losses.combinators import combine, weighted
+from losses.entropy import entropy_bonus
 from losses.kl import kl_gaussian
+from losses.l2_init import l2_init
+from losses.label_smoothing import label_smoothed_behavior_clone
+from losses.reference_kl import reference_kl
+from losses.value import value_regression
 
 __all__ = [
     "HYPERPARAMS_KEY",
@@ -39,8 +44,13 @@ __all__ = [
     "api",
     "behavior_clone",
     "combine",
+    "entropy_bonus",
     "hyperparams_of",
     "kl_gaussian",
+    "l2_init",
+    "label_smoothed_behavior_clone",
+    "reference_kl",
+    "value_regression",
     "weighted",
 ]
 
