@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["gradient_noise_scale", "gradient_similarity"]
+from losses.api import Objective
+from mstudio.research.gradients import objective_gradients
+from mstudio.train.state import TrainState
+
+__all__ = ["diagnose", "gradient_noise_scale", "gradient_similarity"]
 
 
 def _flat(grads: Mapping[str, Tensor]) -> Tensor:
@@ -63,3 +67,18 @@ def gradient_noise_scale(per_sample: Mapping[str, Tensor]) -> dict[str, Tensor]:
     sq_norm = mean.square().sum() - trace / n
     scale = torch.where(sq_norm > 0, trace / sq_norm.clamp_min(torch.finfo(torch.float64).tiny), torch.inf)
     return {"noise_scale": scale, "trace_covariance": trace, "grad_sq_norm": sq_norm}
+
+
+def diagnose(policy: nn.Module, objectives: Mapping[str, Objective], state: TrainState,
+             batch: Mapping[str, Any]) -> dict[str, Tensor]:
+    """One diagnostics pass, ready to log: :func:`gradient_similarity` of the objectives' gradients from one forward,
+    plus each objective's loss as ``loss/<name>``.
+
+    Pure and traceable: ``torch.compile(diagnose, fullgraph=True)`` compiles it into one graph (the Trainer
+    compiles it once and runs it every N steps, between ordinary steps).
+
+    Returns:
+        0-d tensors ``loss/<a>``, ``grad_norm/<a>``, ``grad_cosine/<a>__<b>`` (see :func:`gradient_similarity`).
+    """
+    grads, outputs = objective_gradients(policy, objectives, state, batch)
+    return {**{f"loss/{name}": out["loss"] for name, out in outputs.items()}, **gradient_similarity(grads)}

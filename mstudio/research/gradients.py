@@ -14,7 +14,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from losses.api import Objective, check_output
+from losses.api import Objective, check_output, objective_name
 from mstudio.bridge import functionalize
 from mstudio.train.memory import carry_memory, episode_starts
 from mstudio.train.state import TrainState, objective_batch
@@ -26,6 +26,7 @@ __all__ = [
     "loss_function",
     "objective_gradients",
     "per_sample_gradients",
+    "term",
 ]
 
 Grads = dict[str, Tensor]
@@ -61,6 +62,23 @@ def loss_function(policy: nn.Module, objective: Objective, state: TrainState,
     """``params -> objective's loss`` on ``batch`` from ``state``: the function every tool here differentiates."""
     forward = Forward(policy, state, batch)
     return lambda params: check_output(objective(forward.batch, forward(params), params), objective)["loss"]
+
+
+def term(objective: Objective, key: str) -> Objective:
+    """An objective whose loss is ``objective``'s output ``key``, to study one part of a loss on its own.
+
+    ``term(losses.behavior_clone, "camera_loss")`` is BC's camera part (``camera_loss`` is differentiable: the
+    mean over the batch of the camera head's negative log-likelihood). The output must depend on the
+    parameters: a detached metric gives a zero gradient, which :func:`objective_gradients` would report as 0.
+    """
+    def selected(batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict:
+        out = objective(batch, latents, params)
+        if key not in out:
+            raise KeyError(f"term({objective_name(objective)}, {key!r}): the objective returns {sorted(out)}")
+        return {"loss": out[key]}
+
+    selected.__name__ = f"{objective_name(objective)}[{key}]"
+    return selected
 
 
 def _split_float(tree: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:

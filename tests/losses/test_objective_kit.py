@@ -1,5 +1,7 @@
 """losses.testing.check_objective: accepts every shipped objective, rejects each kind of broken one precisely."""
 
+import functools
+
 import pytest
 import torch
 
@@ -18,12 +20,23 @@ def _inputs():
     gen = torch.Generator().manual_seed(2)
     latents["posterior_dist"] = {"mu": torch.randn(2, 4, generator=gen), "log_var": torch.randn(2, 4, generator=gen)}
     latents["prior_dist"] = {"mu": torch.randn(2, 4, generator=gen), "log_var": torch.randn(2, 4, generator=gen)}
+    latents["reference_pi_logits"] = {k: torch.log_softmax(v + torch.randn(v.shape, generator=gen), -1)
+                                      for k, v in latents["pi_logits"].items()}
+    batch["return"] = torch.randn(2, 3, generator=gen)
     batch["step"] = torch.tensor(3)
     batch["hyperparams"] = {"w": torch.tensor(0.5, dtype=torch.float64)}
     return batch, latents, dict(policy.state_dict())
 
 
+INITIAL = {name: p + 0.1 for name, p in TinyPolicy(hidsize=16, image_size=16).state_dict().items()}
 SHIPPED = {
+    "entropy_bonus": losses.entropy_bonus,
+    "l2_init": losses.l2_init(INITIAL),
+    "label_smoothed_behavior_clone": losses.label_smoothed_behavior_clone,
+    "reference_kl": losses.reference_kl,
+    "reference_kl_reverse": functools.partial(losses.reference_kl, direction="reverse"),
+    "value_regression": losses.value_regression,
+    "value_regression_huber": functools.partial(losses.value_regression, huber_delta=1.0),
     "behavior_clone": losses.behavior_clone,
     "kl_gaussian": losses.kl_gaussian,
     "combined": losses.combine(losses.behavior_clone, losses.weighted(losses.kl_gaussian, 0.1)),
@@ -40,7 +53,7 @@ def test_every_shipped_objective_passes(name):
 
 @pytest.mark.slow
 def test_a_shipped_objective_compiles_in_one_graph():
-    check_objective(SHIPPED["combined"], *_inputs())
+    check_objective(losses.combine(*SHIPPED.values()), *_inputs())
 
 
 def _bc(batch, latents, params):

@@ -11,12 +11,14 @@ from mstudio.optim import adamw
 from mstudio.train.state import objective_batch
 from mstudio.research import (
     curvature,
+    diagnose,
     gradient_noise_scale,
     gradient_similarity,
     hessian_vector_product,
     loss_function,
     objective_gradients,
     per_sample_gradients,
+    term,
 )
 
 B, T, SIZE = 3, 4, 16
@@ -151,3 +153,19 @@ def test_hessian_vector_product_equals_finite_differences():
     hg = hessian_vector_product(loss, params, g)
     expected = sum((g[k] * hg[k]).sum() for k in g) / sum((g[k] ** 2).sum() for k in g)
     assert along_gradient["curvature"].item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_bc_terms_add_up_to_bc_and_diagnose_reports_them():
+    policy, state, batch = _setup()
+    objectives = {"bc": losses.behavior_clone, "camera": term(losses.behavior_clone, "camera_loss"),
+                  "buttons": term(losses.behavior_clone, "button_loss")}
+    grads, _ = objective_gradients(policy, objectives, state, batch)
+    for key in grads["bc"]:
+        torch.testing.assert_close(grads["camera"][key] + grads["buttons"][key], grads["bc"][key], rtol=1e-5, atol=1e-6)
+    report = diagnose(policy, objectives, state, batch)
+    assert set(report) == {"loss/bc", "loss/camera", "loss/buttons", "grad_norm/bc", "grad_norm/camera",
+                           "grad_norm/buttons", "grad_cosine/bc__camera", "grad_cosine/bc__buttons",
+                           "grad_cosine/camera__buttons"}
+    assert report["loss/camera"] + report["loss/buttons"] == pytest.approx(report["loss/bc"].item(), rel=1e-6)
+    with pytest.raises(KeyError, match=r"behavior_clone.*'nope'.*camera_loss"):
+        term(losses.behavior_clone, "nope")(objective_batch(batch, state), policy(batch, state.memory)[0], {})
