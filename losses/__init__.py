@@ -1,7 +1,7 @@
 """Objectives: pure functions ``(batch, latents, params) -> {"loss": scalar, **metrics}``.
 
-Importable on its own (it needs only torch, :mod:`mstudio.distributions` and :mod:`mstudio.actions`, never
-the trainer, the data stack or the models). The contract (what an objective receives and returns, the step
+Importable on its own (it needs only torch, :mod:`mstudio.distributions`, :mod:`mstudio.actions` and the number
+checks of :mod:`mstudio.optim.checks`, never the trainer, the data stack or the models). The contract (what an objective receives and returns, the step
 counter and hyper-parameters it may read) is in :mod:`losses.api`. Combine and weight objectives with
 :func:`combine` and :func:`weighted`::
 

@@ -7,9 +7,14 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
+from mstudio.optim.checks import describe
+
 
 def require(container: Mapping[str, Any], key: str, where: str, objective: str) -> Any:
-    """``container[key]``, or a ``ValueError`` naming the objective, the key and the keys that are there."""
+    """``container[key]``, or a ``ValueError`` naming the objective, the key and the keys that are there (or what
+    ``container`` is, when it is not a dict)."""
+    if not isinstance(container, Mapping):
+        raise ValueError(f"{objective} needs {where} to be a dict with {key!r}, got {describe(container)}")
     if key not in container:
         raise ValueError(f"{objective} needs {where}[{key!r}], but {where} has only {sorted(container)}")
     return container[key]

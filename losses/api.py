@@ -16,10 +16,13 @@ metrics to log. Objectives hold no state: configuration is bound with keyword ar
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import torch
 from torch import Tensor
+
+from mstudio.optim.checks import check_schedule_value, describe
 
 __all__ = [
     "HYPERPARAMS_KEY",
@@ -66,14 +69,35 @@ def objective_name(objective: Callable) -> str:
     return name or repr(objective)
 
 
+def _is_scalar(value: Any) -> bool:
+    """A metric the trainer can log: a real number or a 0-d tensor that is not complex."""
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
 def check_output(out: Any, objective: Callable) -> dict[str, Tensor]:
-    """``out`` as a dict, or a ``ValueError`` unless it is a mapping with a float 0-d tensor ``"loss"``."""
+    """``out`` as a dict, or a ``ValueError`` unless it keeps the contract: a mapping with ``str`` keys, a float
+    0-d tensor ``"loss"`` and scalar metrics (0-d tensors or numbers) under the other keys.
+
+    Only types and shapes are read (static under ``torch.compile``: no host sync, no graph break).
+    """
     name = objective_name(objective)
-    if not isinstance(out, Mapping) or "loss" not in out:
-        raise ValueError(f"objective {name} must return a dict with a 'loss' entry, got {out!r:.200}")
+    if not isinstance(out, Mapping):
+        raise ValueError(f"objective {name} must return a dict with a 'loss' entry, got {describe(out)}")
+    keys = [key for key in out if not isinstance(key, str)]
+    if keys:
+        raise ValueError(f"objective {name} returned the non-str key(s) {keys!r} ({type(keys[0]).__name__}); "
+                         "keys are the metrics' names and must be str")
+    if "loss" not in out:
+        raise ValueError(f"objective {name} must return a dict with a 'loss' entry, got a dict with keys {sorted(out)}")
     loss = out["loss"]
     if not (isinstance(loss, Tensor) and loss.dim() == 0 and loss.is_floating_point()):
-        raise ValueError(f"objective {name} must return a float scalar 'loss' tensor, got {loss!r:.120}")
+        raise ValueError(f"objective {name} must return a float scalar 'loss' tensor (0-d), got {describe(loss)}")
+    for key, value in out.items():
+        if not _is_scalar(value):
+            raise ValueError(f"objective {name} returned metric {key!r} as {describe(value)}; metrics must be "
+                             "scalars (0-d tensors or numbers) so the trainer can log them")
     return dict(out)
 
 
@@ -100,5 +124,6 @@ def resolve_weight(weight: Weight, batch: Mapping[str, Any], like: Tensor, objec
                 f"{objective_name(objective)} has a scheduled weight, which reads batch[{STEP_KEY!r}] (a long "
                 "scalar tensor); make_train_step adds it, a direct call must pass it"
             )
-        return torch.as_tensor(weight(batch[STEP_KEY]), dtype=like.dtype, device=like.device)
+        value = check_schedule_value(weight(batch[STEP_KEY]), f"weighted({objective_name(objective)}) weight")
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
     return weight

@@ -40,6 +40,8 @@ def behavior_clone(
     """
     agent_action = require(batch, "agent_action", "batch", "behavior_clone")
     pi_logits = require(latents, "pi_logits", "latents", "behavior_clone")
+    for head in ("buttons", "camera"):  # both heads are read below, by name
+        require(pi_logits, head, "latents['pi_logits']", "behavior_clone")
     log_prob = distributions.logprob(pi_logits, agent_action)
     entropy = distributions.entropy(pi_logits)
     camera_moved = (agent_action["camera"] != CAMERA_NULL).float().squeeze(-1)

@@ -6,7 +6,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from losses.api import Objective, Weight, check_output, Hyperparam, objective_name, resolve_weight
+from losses.api import Hyperparam, Objective, Weight, check_output, objective_name, resolve_weight
+from mstudio.optim.checks import FINITE, check_number, describe
 
 __all__ = ["combine", "weighted"]
 
@@ -20,6 +21,8 @@ def combine(*objectives: Objective) -> Objective:
     """
     if not objectives:
         raise ValueError("combine needs at least one objective")
+    for i, objective in enumerate(objectives):
+        _check_callable(objective, f"combine: objectives[{i}]")
 
     def combined(batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         total: dict[str, Tensor] = {}
@@ -38,18 +41,26 @@ def weighted(objective: Objective, weight: Weight, *, weight_key: str | None = N
 
     Args:
         objective: any objective.
-        weight: a number; a schedule ``step -> weight`` (:mod:`mstudio.optim.schedules`) evaluated on
-            ``batch["step"]``; or a :class:`~losses.api.Hyperparam` read from the train state, so it can change
-            mid-run without a recompile (see :mod:`losses.api`).
+        weight: a finite number (negative on purpose only: it maximises the objective's loss); a schedule ``step -> weight`` (:mod:`mstudio.optim.schedules`) evaluated
+            on ``batch["step"]``, returning a number or a 0-d tensor; or a :class:`~losses.api.Hyperparam` read
+            from the train state, so it can change mid-run without a recompile (see :mod:`losses.api`).
         weight_key: the metric that reports the objective's weight, multiplied too so it shows the weight in
             force (MineStudio logs ``bc_weight`` / ``kl_weight``). Defaults to the objective's declared
             ``weight_key`` attribute (``behavior_clone.weight_key == "bc_weight"``); ``None`` when it has none.
 
     ``weighted(behavior_clone, 0.01)`` returns exactly what MineStudio's ``BehaviorCloneCallback(weight=0.01)``
-    does. Example::
+    does. A NaN from a schedule cannot be seen without a host sync: the train step's guard skips that update.
+
+    Raises:
+        TypeError: ``objective`` is not callable, or ``weight`` is none of the above (a string, a bool, a tensor).
+        ValueError: a number (or a ``Hyperparam`` default) that is NaN or infinite.
+
+    Example::
 
         objective = losses.weighted(losses.behavior_clone, losses.Hyperparam("bc_weight", 0.01))
     """
+    _check_callable(objective, "weighted: objective")
+    weight = _check_weight(weight)
     key = weight_key if weight_key is not None else getattr(objective, "weight_key", None)
 
     def weighted_objective(batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -65,6 +76,25 @@ def weighted(objective: Objective, weight: Weight, *, weight_key: str | None = N
     extra = [weight] if isinstance(weight, Hyperparam) else []
     weighted_objective.hyperparams = _merge_hyperparams([objective], extra)
     return weighted_objective
+
+
+def _check_callable(objective: Any, name: str) -> None:
+    if not callable(objective):
+        raise TypeError(f"{name} must be callable (batch, latents, params) -> dict, got {describe(objective)}")
+
+
+def _check_weight(weight: Any) -> Weight:
+    """``weight`` if :func:`weighted` can use it (a number as a float); ``TypeError`` / ``ValueError`` naming it."""
+    if isinstance(weight, Hyperparam):
+        if not isinstance(weight.name, str):
+            raise TypeError(f"losses.Hyperparam name must be a str, got {describe(weight.name)}")
+        default = check_number(weight.default, f"losses.Hyperparam({weight.name!r}) default", FINITE)
+        return weight._replace(default=default)
+    if callable(weight):
+        return weight
+    # A tensor is refused too: it would be a constant baked into a compiled step; a Hyperparam can change.
+    return check_number(weight, "weighted: weight", FINITE,
+                        alternatives=", a schedule (step -> weight) or a losses.Hyperparam")
 
 
 def _merge_hyperparams(objectives, extra: list[Hyperparam] = ()) -> dict[str, float]:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from losses._keys import deprecated_weight, require
+from mstudio.optim.checks import describe
 from mstudio.distributions import diagonal_gaussian_kl
 
 __all__ = ["kl_gaussian"]
@@ -30,7 +31,10 @@ def kl_gaussian(
     prior = require(latents, "prior_dist", "latents", "kl_gaussian")
     for name, dist in (("posterior_dist", posterior), ("prior_dist", prior)):
         for key in ("mu", "log_var"):
-            require(dist, key, f"latents[{name!r}]", "kl_gaussian")
+            value = require(dist, key, f"latents[{name!r}]", "kl_gaussian")
+            if not (isinstance(value, Tensor) and value.is_floating_point()):
+                raise ValueError(f"kl_gaussian needs latents[{name!r}][{key!r}] to be a float tensor (..., D), "
+                                 f"got {describe(value)}")
     kl = diagonal_gaussian_kl(posterior["mu"], posterior["log_var"], prior["mu"], prior["log_var"])
     weight = deprecated_weight(weight, "kl_gaussian")
     return {

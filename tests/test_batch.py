@@ -28,6 +28,10 @@ def _edit(path, value):
 CASES = [
     (("timestamp",), None, "batch['timestamp'] (long (B, T)) is required"),
     (("timestamp",), lambda t: t.int(), "batch['timestamp'] must be long (B, T), got torch.int32"),
+    (("timestamp",), lambda t: t[:, :0],
+     "batch['timestamp'] must be long (B, T) with at least one row and one step, got torch.int64 (2, 0)"),
+    (("image",), None, "batch['image'] (uint8 (B, T, H, W, 3)) is required by the policy"),
+    ((0,), torch.zeros(2, 4), "batch keys must be str, got 0 (int)"),
     (("image",), lambda t: t.float(), "batch['image'] must be uint8 (B, T, H, W, 3) with (B, T) = (2, 4), got torch.float32"),
     (("image",), lambda t: t[:, :3], "batch['image'] must be uint8 (B, T, H, W, 3) with (B, T) = (2, 4), got torch.uint8 (2, 3, 8, 8, 3)"),
     (("mask",), lambda t: t[:, 0], "batch['mask'] must be a tensor of shape (2, 4), got torch.uint8 (2,)"),
@@ -94,6 +98,8 @@ VALUE_CASES = [
     (("mask",), lambda t: t.to(torch.complex64),
      "batch['mask'] must be real (bool, integer or floating) with values in [0, 1], got torch.complex64 (2, 4)"),
     (("timestamp",), lambda t: t - 10, "batch['timestamp'] must be a non-negative frame index, got a minimum of -10"),
+    (("timestamp",), lambda t: t.flip(1),
+     "batch['timestamp'] must increase along T (a window's frames in order), got a step where it changes by -1"),
 ]
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import optree
 import torch
 from torch import Tensor
 
+from mstudio.optim.checks import POSITIVE, UNIT_INTERVAL, check_number
 from mstudio.optim.transforms import GradientTransformation, _device_of, _leaves_matching, _rebuild, _with_grad
 
 __all__ = ["ScaleByAdamState", "scale_by_adam"]
@@ -36,10 +36,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         b2: decay of the second moment, in [0, 1).
         eps: added to the denominator, > 0 (with 0, a parameter whose gradient and moments are 0 gets 0/0).
     """
-    if not (0 <= b1 < 1 and 0 <= b2 < 1):
-        raise ValueError(f"scale_by_adam: b1 and b2 must be in [0, 1), got b1={b1}, b2={b2}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"scale_by_adam: eps must be a finite number > 0, got {eps}")
+    b1 = check_number(b1, "scale_by_adam: b1", UNIT_INTERVAL)
+    b2 = check_number(b2, "scale_by_adam: b2", UNIT_INTERVAL)
+    eps = check_number(eps, "scale_by_adam: eps", POSITIVE)
 
     def init(params):
         zeros = lambda p: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731

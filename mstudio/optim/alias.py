@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from typing import Any, Callable
 
 from torch import Tensor
 
 from mstudio.optim.adam import scale_by_adam
+from mstudio.optim.checks import POSITIVE, UNIT_INTERVAL, check_int, check_number
 from mstudio.optim.hyperparams import inject_hyperparams
 from mstudio.optim.scale import add_decayed_weights, scale_by_learning_rate
 from mstudio.optim.schedules import Schedule, linear_warmup
@@ -30,22 +30,24 @@ def _adamw_chain(
 
 
 def _check_adamw_args(
-    lr: float | Schedule, betas: tuple[float, float], eps: float, weight_decay: float, clip_norm: float | None,
-) -> None:
-    """Raise ``ValueError`` naming the argument and its value for a hyper-parameter :func:`adamw` cannot use."""
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):  # NaN fails the comparison
-        raise ValueError(f"adamw: betas must be two numbers in [0, 1), got {betas}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(
-            f"adamw: eps must be a finite number > 0, got {eps} (with eps = 0 a parameter whose gradient and moments "
-            "are zero is updated by 0 / 0 = NaN; torch.optim.AdamW accepts 0 but has the same NaN)"
-        )
-    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"adamw: weight_decay must be a finite number >= 0, got {weight_decay}")
-    if not callable(lr) and not (lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"adamw: lr must be a finite number >= 0 or a schedule, got {lr}")
-    if clip_norm is not None and not (clip_norm > 0 and math.isfinite(clip_norm)):
-        raise ValueError(f"adamw: clip_norm must be a finite number > 0 or None for no clipping, got {clip_norm}")
+    lr: Any, betas: Any, eps: Any, weight_decay: Any, warmup_steps: Any, clip_norm: Any,
+) -> tuple[float | Schedule, tuple[float, float], float, float, int, float | None]:
+    """The arguments of :func:`adamw` as Python numbers, or a ``TypeError`` / ``ValueError`` naming the argument,
+    the rule and the value."""
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"adamw: betas must be two numbers (b1, b2) in [0, 1), got {type(betas).__name__} {betas!r}")
+    if len(betas) != 2:
+        raise ValueError(f"adamw: betas must be two numbers (b1, b2) in [0, 1), got {tuple(betas)}")
+    b1, b2 = (check_number(b, f"adamw: betas[{i}]", UNIT_INTERVAL) for i, b in enumerate(betas))
+    eps = check_number(eps, "adamw: eps", POSITIVE, hint=(
+        " (with eps = 0 a parameter whose gradient and moments are zero is updated by 0 / 0 = NaN; "
+        "torch.optim.AdamW accepts 0 but has the same NaN)"))
+    weight_decay = check_number(weight_decay, "adamw: weight_decay")
+    lr = lr if callable(lr) else check_number(lr, "adamw: lr", alternatives=" or a schedule")
+    warmup_steps = check_int(warmup_steps, "adamw: warmup_steps", minimum=0)
+    if clip_norm is not None:
+        clip_norm = check_number(clip_norm, "adamw: clip_norm", POSITIVE, alternatives=" or None for no clipping")
+    return lr, (b1, b2), eps, weight_decay, warmup_steps, clip_norm
 
 
 def adamw(
@@ -83,8 +85,8 @@ def adamw(
     Returns:
         A :class:`GradientTransformation` whose ``learning_rate(state)`` is the lr the next update applies.
     """
-    _check_adamw_args(lr, betas, eps, weight_decay, clip_norm)
-    b1, b2 = betas
+    lr, (b1, b2), eps, weight_decay, warmup_steps, clip_norm = _check_adamw_args(
+        lr, betas, eps, weight_decay, warmup_steps, clip_norm)
     factory: Callable[..., GradientTransformation] = lambda **values: _adamw_chain(  # noqa: E731
         **values, b1=b1, b2=b2, eps=eps, clip_norm=clip_norm
     )

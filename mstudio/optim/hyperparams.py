@@ -18,6 +18,7 @@ import optree
 import torch
 from torch import Tensor
 
+from mstudio.optim.checks import check_number, check_schedule_value
 from mstudio.optim.transforms import GradientTransformation, PyTree, _device_of
 
 __all__ = ["InjectHyperparamsState", "find_hyperparams", "inject_hyperparams", "read_hyperparam", "set_hyperparams",
@@ -47,9 +48,10 @@ def inject_hyperparams(
 ) -> Callable[..., GradientTransformation]:
     """Wrap ``factory(**hyperparams) -> GradientTransformation`` so its numeric arguments live in the state.
 
-    The returned builder takes the factory's keyword arguments. A number becomes a settable float64 tensor of
-    the state; a callable is a schedule ``count -> value`` evaluated at every update (not settable). The
-    factory is called again at every update with the current values, so it must be cheap and pure.
+    The returned builder takes the factory's keyword arguments. A number (finite and >= 0, as learning rates
+    and decays are) becomes a settable float64 tensor of the state; a callable is a schedule
+    ``count -> value`` evaluated at every update (not settable), which must return a number or a 0-d tensor.
+    The factory is called again at every update with the current values, so it must be cheap and pure.
 
     Args:
         factory: builds the transformation from its hyper-parameter values.
@@ -59,14 +61,16 @@ def inject_hyperparams(
 
     def build(**hyperparams: float | Callable[[Tensor], Tensor]) -> GradientTransformation:
         schedules = {name: value for name, value in hyperparams.items() if callable(value)}
-        numbers = {name: value for name, value in hyperparams.items() if not callable(value)}
-        for name, value in numbers.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise TypeError(f"hyper-parameter {name} must be a number or a schedule, got {value!r}")
+        numbers = {
+            name: check_number(value, f"hyper-parameter {name}", alternatives=" or a schedule")
+            for name, value in hyperparams.items() if not callable(value)
+        }
 
         def values(state: InjectHyperparamsState) -> dict[str, Tensor]:
             stored = {name: read_hyperparam(t) for name, t in state.hyperparams.items()}
-            return {**stored, **{name: s(state.count) for name, s in schedules.items()}}
+            scheduled = {name: check_schedule_value(s(state.count), f"hyper-parameter {name}")
+                         for name, s in schedules.items()}
+            return {**stored, **scheduled}
 
         def init(params: PyTree) -> InjectHyperparamsState:
             device = _device_of(params)
@@ -103,17 +107,19 @@ def set_hyperparams(opt_state: PyTree, **values: float) -> PyTree:
 
     Raises:
         KeyError: a name that no :func:`inject_hyperparams` state holds, listing the names there are.
+        TypeError, ValueError: a value that is not a finite number >= 0 (a bool, a string, a tensor, NaN).
     """
     known = find_hyperparams(opt_state)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise KeyError(f"no settable hyper-parameter(s) {unknown} in the optimizer state; it has {sorted(known)}")
+    values = {name: check_number(value, name) for name, value in values.items()}
 
     def replace(node: Any) -> Any:
         if not _is_inject_state(node):
             return node
         hyperparams = {
-            name: torch.full_like(t, float(values[name])) if name in values else t for name, t in node.hyperparams.items()
+            name: torch.full_like(t, values[name]) if name in values else t for name, t in node.hyperparams.items()
         }
         return node._replace(hyperparams=hyperparams)
 

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from mstudio.optim.checks import FINITE, check_int, check_number, describe
+
 __all__ = ["Schedule", "constant", "cosine_decay", "join", "linear_warmup"]
 
 Schedule = Callable[[Tensor], Tensor]
@@ -24,7 +26,8 @@ def _as_float64(step: Tensor) -> Tensor:
 
 
 def constant(value: float) -> Schedule:
-    """``step -> value``."""
+    """``step -> value`` (a finite number)."""
+    value = check_number(value, "constant: value", FINITE)
 
     def schedule(step: Tensor) -> Tensor:
         return torch.full((), value, dtype=torch.float64, device=torch.as_tensor(step).device)
@@ -39,9 +42,8 @@ def linear_warmup(value: float | Schedule, warmup_steps: int) -> Schedule:
     update already uses ``value / warmup_steps``. ``value`` may itself be a schedule (e.g. a cosine decay),
     which is then scaled by the warmup factor. ``warmup_steps = 0`` means no warmup.
     """
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    base = value if callable(value) else constant(value)
+    warmup_steps = check_int(warmup_steps, "linear_warmup: warmup_steps", minimum=0)
+    base = value if callable(value) else constant(check_number(value, "linear_warmup: value", FINITE))
     if warmup_steps == 0:
         return base
 
@@ -58,8 +60,9 @@ def cosine_decay(value: float, decay_steps: int, alpha: float = 0.0) -> Schedule
     Decays from ``value`` at step 0 to ``alpha * value`` at ``decay_steps`` and stays there (as optax's
     ``cosine_decay_schedule``).
     """
-    if decay_steps <= 0:
-        raise ValueError(f"decay_steps must be > 0, got {decay_steps}")
+    value = check_number(value, "cosine_decay: value", FINITE)
+    decay_steps = check_int(decay_steps, "cosine_decay: decay_steps", minimum=1)
+    alpha = check_number(alpha, "cosine_decay: alpha", FINITE)
 
     def schedule(step: Tensor) -> Tensor:
         progress = torch.clamp(_as_float64(step), max=decay_steps) / decay_steps
@@ -74,6 +77,10 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     ``len(boundaries)`` must be ``len(schedules) - 1`` and increasing. Every schedule is evaluated and the
     right one selected with ``torch.where``, so the result is branch-free inside a compiled step.
     """
+    for i, schedule in enumerate(schedules):
+        if not callable(schedule):
+            raise TypeError(f"join: schedules[{i}] must be callable (step -> value), got {describe(schedule)}")
+    boundaries = [check_int(b, f"join: boundaries[{i}]", minimum=0) for i, b in enumerate(boundaries)]
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(f"join needs len(schedules) - 1 boundaries; got {len(schedules)} schedules, {len(boundaries)} boundaries")
     if any(b1 >= b2 for b1, b2 in zip(boundaries, boundaries[1:])):

@@ -24,6 +24,8 @@ import optree
 import torch
 from torch import Tensor
 
+from mstudio.optim.checks import POSITIVE, check_number
+
 __all__ = [
     "GradientTransformation",
     "PyTree",
@@ -99,9 +101,11 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all gradients by ``min(max_norm / (global_norm + 1e-6), 1)``, as ``clip_grad_norm_`` does.
 
     Lightning's ``gradient_clip_val`` clips this way over the parameters that have gradients.
+
+    Args:
+        max_norm: the largest global norm let through, a finite number > 0.
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    max_norm = check_number(max_norm, "clip_by_global_norm: max_norm", POSITIVE)
 
     def update(grads, state, params=None):
         present, values, leaves, treedef = _with_grad(grads)
@@ -114,7 +118,16 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Apply ``transforms`` in order; the state is the tuple of their states."""
+    """Apply ``transforms`` in order; the state is the tuple of their states.
+
+    Raises:
+        TypeError: one of ``transforms`` is not a :class:`GradientTransformation`.
+        ValueError: more than one of them has a learning rate.
+    """
+    for i, transform in enumerate(transforms):
+        if not isinstance(transform, GradientTransformation):
+            raise TypeError(f"chain: transforms[{i}] must be a GradientTransformation (e.g. mstudio.optim.adamw(lr)), "
+                            f"got {type(transform).__name__}")
     with_lr = [i for i, t in enumerate(transforms) if t.learning_rate is not None]
     if len(with_lr) > 1:
         raise ValueError("chain got more than one transformation with a learning rate; chain one optimizer")
@@ -123,6 +136,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(grads, state, params=None):
+        if len(state) != len(transforms):  # zip would silently drop the extra transforms or states
+            raise ValueError(f"chain of {len(transforms)} transformations got a state of {len(state)} entries; "
+                             "use the state its own init(params) made")
         new_states = []
         for transform, sub_state in zip(transforms, state):
             grads, sub_state = transform.update(grads, sub_state, params)

@@ -13,6 +13,7 @@ import losses
 from losses.api import HYPERPARAMS_KEY, STEP_KEY
 from mstudio.bridge import functionalize
 from mstudio.optim import GradientTransformation, find_hyperparams, read_hyperparam, store_hyperparam
+from mstudio.optim.checks import FINITE, check_number, describe
 from mstudio.optim import set_hyperparams as set_optimizer_hyperparams
 from mstudio.policy import check_policy
 
@@ -87,6 +88,11 @@ def init_state(
         ema: keep an exponential moving average of the parameters (``make_train_step(..., ema_decay=...)``).
     """
     check_policy(policy)
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(f"optimizer must be a mstudio.optim.GradientTransformation (e.g. mstudio.optim.adamw(lr)), "
+                        f"got {type(optimizer).__name__}")
+    if objective is not None and not callable(objective):
+        raise TypeError(f"objective must be callable (batch, latents, params) -> dict, got {describe(objective)}")
     if isinstance(batch_size, bool) or (isinstance(batch_size, Tensor) and batch_size.dtype == torch.bool):
         raise ValueError(f"batch_size must be a positive int (rows per batch), got the bool {batch_size!r}")
     try:
@@ -102,6 +108,7 @@ def init_state(
     check_memory(init_memory, batch_size, f"{type(policy).__name__}.initial_state({batch_size})")
     device = next(iter(params.values())).device if params else torch.device("cpu")
     defaults = losses.hyperparams_of(objective) if objective is not None else {}
+    defaults = {name: check_number(v, f"hyper-parameter {name} (default)", FINITE) for name, v in defaults.items()}
     counter = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
     return TrainState(
         params=params,
@@ -124,16 +131,22 @@ def set_hyperparams(state: TrainState, **values: float) -> TrainState:
     The new values are tensors of the same dtype and device, so a compiled step runs on without recompiling.
 
     Raises:
+        TypeError: ``state`` is not a :class:`TrainState`, or a value is not a number (a string, a bool, a tensor).
         KeyError: an unknown name, listing the names the state has.
+        ValueError: a value that is not finite, or a negative optimizer hyper-parameter (objective weights may be
+            negative, see :func:`losses.weighted`).
     """
-    objective_values = {name: v for name, v in values.items() if name in state.hyperparams}
+    if not isinstance(state, TrainState):
+        raise TypeError(f"set_hyperparams needs a TrainState (from mstudio.init_state), got {type(state).__name__}; "
+                        "for an optimizer state alone use mstudio.optim.set_hyperparams")
+    objective_values = {name: check_number(v, name, FINITE) for name, v in values.items() if name in state.hyperparams}
     optimizer_values = {name: v for name, v in values.items() if name not in state.hyperparams}
     unknown = sorted(set(optimizer_values) - set(find_hyperparams(state.opt_state)))
     if unknown:
         known = sorted([*state.hyperparams, *find_hyperparams(state.opt_state)])
         raise KeyError(f"no hyper-parameter(s) {unknown} in the train state; it has {known}")
     hyperparams = {
-        name: torch.full_like(t, float(objective_values[name])) if name in objective_values else t
+        name: torch.full_like(t, objective_values[name]) if name in objective_values else t
         for name, t in state.hyperparams.items()
     }
     opt_state = set_optimizer_hyperparams(state.opt_state, **optimizer_values) if optimizer_values else state.opt_state

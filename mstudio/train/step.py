@@ -22,6 +22,15 @@ from mstudio.batch import check_batch, normalize_batch
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.optim import GradientTransformation, apply_updates, global_norm
 from mstudio.policy import check_policy
+from mstudio.train.checks import (
+    check_finite_state,
+    check_is_state,
+    check_opt_state,
+    check_state,
+    check_unwritten,
+    tensor_spec,
+    tensor_versions,
+)
 from mstudio.train.memory import carry_memory, episode_starts
 from mstudio.train.state import TrainState, objective_batch
 
@@ -37,6 +46,8 @@ __all__ = [
 ]
 
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, Any]]
+#: Metrics the step adds itself; an objective's metric of one of these names would be overwritten.
+STEP_METRICS = frozenset({"grad_norm", "lr", "nonfinite", "skipped_updates"})
 StepFn = Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, Tensor]]]
 
 
@@ -99,8 +110,9 @@ def train_step_function(
         value_and_grad: :func:`value_and_grad_func` (traceable) or :func:`value_and_grad_autograd` (eager).
         autocast_dtype: run forward and objective under ``torch.autocast`` in this dtype (``None``: off).
         ema_decay: update ``state.ema`` with this decay after every applied update (``None``: leave it).
-        skip_nonfinite: when the loss or any gradient is not finite, keep the parameters, optimizer state
-            and EMA as they were (``torch.where``: no host sync) and count it in ``skipped_updates``.
+        skip_nonfinite: when the loss, the gradients or the update are not finite, keep the parameters,
+            optimizer state and EMA as they were (``torch.where``: no host sync) and count it in
+            ``skipped_updates``. Either way ``metrics["nonfinite"]`` (long 0-d, 1 or 0) says whether they were.
     """
 
     gradients, update = train_step_parts(apply_fn, objective, optimizer, reached, value_and_grad,
@@ -168,26 +180,32 @@ def train_step_parts(
 
     def update(state: TrainState, batch: Mapping[str, Any], computed: Gradients) -> tuple[TrainState, dict[str, Tensor]]:
         loss, out = computed.loss, computed.out
+        # Detached: parameters handed in with requires_grad (a state built by hand) would otherwise give a new
+        # state that carries an autograd graph, growing by one update every step.
+        current = {name: p.detach() for name, p in state.params.items()}
         # None marks "no gradient": the optimizer leaves those parameters and their moments alone.
-        grads = {name: computed.grads.get(name) for name in state.params}
+        grads = {name: computed.grads.get(name) for name in current}
         grad_norm = global_norm(grads)
         metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
         if optimizer.learning_rate is not None:
             metrics["lr"] = optimizer.learning_rate(state.opt_state).to(torch.float32)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = apply_updates(state.params, updates)
+        updates, opt_state = optimizer.update(grads, state.opt_state, current)
+        params = apply_updates(current, updates)
+        # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the
+        # update itself (a NaN learning rate from a schedule, an inf in the optimizer state).
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(global_norm(updates))
         ema = _ema(state.ema, params, ema_decay)
         # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
         # guards on input strides and a strided view here would recompile it on the second call.
         carried = optree.tree_map(lambda t: t.detach().contiguous(), computed.state_out)
         skipped = state.skipped_updates
         if skip_nonfinite:
-            ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-            params, opt_state = _keep_if(ok, params, state.params), _keep_if(ok, opt_state, state.opt_state)
-            ema = _keep_if(ok, ema, state.ema)
-            carried = _keep_if(ok, carried, state.init_memory)  # a skipped batch restarts every row's memory
-            skipped = skipped + (~ok).to(skipped.dtype)
+            params, opt_state = _keep_if(finite, params, current), _keep_if(finite, opt_state, state.opt_state)
+            ema = _keep_if(finite, ema, state.ema)
+            carried = _keep_if(finite, carried, state.init_memory)  # a skipped batch restarts every row's memory
+            skipped = skipped + (~finite).to(skipped.dtype)
         metrics["grad_norm"] = grad_norm
+        metrics["nonfinite"] = (~finite).to(skipped.dtype)
         metrics["skipped_updates"] = skipped
         new_state = state._replace(
             params=params,
@@ -209,7 +227,9 @@ class TrainStep:
     The first call probes the objective once, eagerly, to learn which parameters its loss reaches
     (``torch.func`` returns zero gradients, not ``None``, for the others, yet ``torch.optim.AdamW`` and thus
     MineStudio leave them untouched: no decay, no moment update), checks that the policy's forward is
-    stateless, then builds (and compiles) the step. Every call validates and normalizes the batch first.
+    stateless, then builds (and compiles) the step; it also checks, once, that the state's optimizer state fits
+    the optimizer and that every float tensor of the state is finite (one host sync). Every call checks the
+    state (:func:`mstudio.train.checks.check_state`, no sync) and validates and normalizes the batch first.
 
     Attributes:
         reached: names of the parameters that get gradients (set by the first call).
@@ -221,7 +241,8 @@ class TrainStep:
         self.policy, self.objective, self.optimizer = policy, objective, optimizer
         self.compile, self.validate = compile, validate
         self._options = dict(autocast_dtype=autocast_dtype, ema_decay=ema_decay, skip_nonfinite=skip_nonfinite)
-        self.apply_fn, _, _ = functionalize(policy)
+        self.apply_fn, params, buffers = functionalize(policy)
+        self._spec = (tensor_spec(params), tensor_spec(buffers))  # what every state handed in must hold
         self.reached: frozenset[str] | None = None
         self._step_fn: StepFn | None = None
         self._batch_keys: frozenset[str] | None = None
@@ -229,6 +250,7 @@ class TrainStep:
         self._cuda_graphs = False
 
     def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
+        check_is_state(state)  # before state.batch_size is read
         batch = self._prepare(state, batch, state.batch_size)
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -236,11 +258,12 @@ class TrainStep:
 
     def _prepare(self, state: TrainState, batch: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
         """``batch`` checked and normalized; on the first call, the step built for ``state`` (one, unstacked)."""
+        check_state(state, *self._spec)
+        check_batch(batch, batch_size=batch_size, check_values=self.validate)
         for reserved in (STEP_KEY, HYPERPARAMS_KEY):
             if reserved in batch:
                 raise ValueError(f"batch key {reserved!r} is reserved: the step hands objectives its own there "
                                  "(see losses.api)")
-        check_batch(batch, batch_size=batch_size, check_values=self.validate)
         if self._mask_dtype is None and "mask" in batch:
             self._mask_dtype = batch["mask"].dtype  # a mask filled in later takes the run's dtype: no recompile
         batch = normalize_batch(batch, mask_dtype=self._mask_dtype or torch.uint8)
@@ -259,6 +282,8 @@ class TrainStep:
                 "make_train_step(ema_decay=...) and init_state(..., ema=True) go together: "
                 f"ema_decay={self._options['ema_decay']}, state.ema is {'absent' if state.ema is None else 'kept'}"
             )
+        check_opt_state(state, self.optimizer)
+        check_finite_state(state)
         self.reached = reached_parameters(self.policy, self.objective, state, batch)
         self._batch_keys = frozenset(batch)
         traceable = value_and_grad_func if self.compile else value_and_grad_autograd
@@ -277,26 +302,40 @@ def reached_parameters(policy: nn.Module, objective: Objective, state: TrainStat
                        batch: Mapping[str, Any]) -> frozenset[str]:
     """Run forward and objective once with autograd and return the names of the parameters the loss reaches.
 
-    Also checks that the forward is stateless, the objective's output keeps the contract, the loss reaches some
-    parameter and ``state_out`` has the memory's structure (the checks :class:`TrainStep` runs on its first call).
+    Also checks that the forward and the objective are pure (no attribute or buffer written on the module, no
+    batch tensor written in place), the objective's output keeps the contract and uses no metric name the step
+    reports itself, the loss reaches some parameter and ``state_out`` has the memory's structure (the checks
+    :class:`TrainStep` runs on its first call).
     """
     apply_fn, _, _ = functionalize(policy)
     params = {name: p.detach().requires_grad_() for name, p in state.params.items()}
+    label = objective_name(objective)
 
     def run():
+        versions = tensor_versions(batch, "batch")
         with torch.enable_grad():
             latents, state_out = apply_fn(params, state.buffers, batch, state.memory)
+            check_unwritten(versions, f"{type(policy).__name__}.forward")
             out = objective(objective_batch(batch, state), latents, params)
+            check_unwritten(versions, f"objective {label}")
         return out, state_out
 
     out, state_out = check_stateless_forward(policy, state.buffers, run)
-    loss = check_output(out, objective)["loss"]
-    if not loss.requires_grad:
-        raise ValueError(f"the loss of objective {objective_name(objective)} depends on no trainable parameter")
+    out = check_output(out, objective)
+    taken = sorted(STEP_METRICS & set(out))
+    if taken:
+        raise ValueError(f"objective {label} returns metric(s) {taken}, which the step reports itself; rename them")
+    if not out["loss"].requires_grad:
+        raise ValueError(f"the loss of objective {label} depends on no trainable parameter: it tracks no gradient "
+                         "(detached, or computed from constants only)")
     _check_same_memory(state.memory, state_out)
     names = list(params)
-    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    return frozenset(name for name, grad in zip(names, grads) if grad is not None)
+    grads = torch.autograd.grad(out["loss"], [params[n] for n in names], allow_unused=True)
+    reached = frozenset(name for name, grad in zip(names, grads) if grad is not None)
+    if not reached:
+        raise ValueError(f"the loss of objective {label} depends on no trainable parameter: its gradient reaches "
+                         f"none of the policy's {len(names)} parameters, only other tensors that require grad")
+    return reached
 
 
 def _check_same_memory(memory: Any, state_out: Any) -> None:
@@ -330,8 +369,8 @@ def make_train_step(
     3. ``out = objective(batch | {"step", "hyperparams"}, latents, params)``; gradients of ``out["loss"]``
        with respect to the parameters it reaches;
     4. optimizer update (clipping, AdamW, schedule); parameters without a gradient stay bit-identical;
-       with ``skip_nonfinite``, a non-finite loss or gradient leaves parameters and optimizer state as they
-       were; the EMA follows the parameters when kept;
+       with ``skip_nonfinite``, a non-finite loss, gradient or update leaves parameters and optimizer state as
+       they were; the EMA follows the parameters when kept;
     5. ``memory = state_out`` detached (truncated BPTT), ``last_timestamp = timestamp[:, -1]``, ``step + 1``.
 
     Args:
@@ -350,8 +389,15 @@ def make_train_step(
 
     Returns:
         A :class:`TrainStep`; ``metrics`` holds the objective's outputs plus ``grad_norm`` (global norm before
-        clipping), ``lr`` (the learning rate this update applied) and ``skipped_updates`` (so far), all as
-        detached tensors.
+        clipping), ``lr`` (the learning rate this update applied), ``nonfinite`` (long 0-d: 1 when this step's
+        loss, gradient norm or update norm was NaN or inf, else 0; reported whether or not ``skip_nonfinite``
+        skips the update, computed on the device without a host sync) and ``skipped_updates`` (so far), all as
+        detached tensors. An objective may not return metrics of these names.
+
+    Raises:
+        TypeError, ValueError: at build, a bad argument; on a call, a malformed batch (:mod:`mstudio.batch`) or
+            state (another policy's, another batch size's or optimizer's, or, on the first call, holding NaN),
+            or an objective that breaks the contract of :mod:`losses.api`; all before any work.
     """
     check_policy(policy)
     if not callable(objective):

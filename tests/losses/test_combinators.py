@@ -1,6 +1,7 @@
 """combine / weighted: sums, same-named metrics, weights as numbers and as schedules of the step."""
 
 import functools
+import re
 
 import pytest
 import torch
@@ -98,3 +99,27 @@ def test_losses_import_without_the_trainer():
 
     code = "import losses, sys; bad = [m for m in sys.modules if m.startswith(('mstudio.train', 'mstudio.data', 'mstudio.models'))]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("weight, error, message", [
+    (float("nan"), ValueError, "weighted: weight must be a finite number, a schedule (step -> weight) or a "
+                               "losses.Hyperparam, got nan"),
+    ("0.1", TypeError, "got str '0.1'"),
+    (torch.tensor(0.1), TypeError, "got tensor torch.float32 ()"),
+    (losses.Hyperparam("w", float("inf")), ValueError, "losses.Hyperparam('w') default must be a finite number, got inf"),
+])
+def test_weighted_refuses_weights_it_cannot_use(weight, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        losses.weighted(losses.behavior_clone, weight)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("x", "objective draft returned metric 'note' as str 'x'; metrics must be scalars"),
+    (torch.ones(2), "objective draft returned metric 'note' as tensor torch.float32 (2,)"),
+])
+def test_objective_metrics_must_be_scalars(value, message):
+    def draft(batch, latents, params):
+        return {"loss": torch.zeros(()), "note": value}
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        losses.combine(draft)({}, {}, {})

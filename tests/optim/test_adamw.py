@@ -186,8 +186,8 @@ NAN, INF = float("nan"), float("inf")
     (dict(eps=0.0), "adamw: eps must be a finite number > 0, got 0.0"),
     (dict(eps=NAN), "adamw: eps must be a finite number > 0, got nan"),
     (dict(eps=INF), "adamw: eps must be a finite number > 0, got inf"),
-    (dict(betas=(NAN, 0.999)), "adamw: betas must be two numbers in [0, 1), got (nan, 0.999)"),
-    (dict(betas=(0.9, NAN)), "adamw: betas must be two numbers in [0, 1), got (0.9, nan)"),
+    (dict(betas=(NAN, 0.999)), "adamw: betas[0] must be a number in [0, 1), got nan"),
+    (dict(betas=(0.9, NAN)), "adamw: betas[1] must be a number in [0, 1), got nan"),
     (dict(weight_decay=NAN), "adamw: weight_decay must be a finite number >= 0, got nan"),
     (dict(lr=NAN), "adamw: lr must be a finite number >= 0 or a schedule, got nan"),
     (dict(clip_norm=0.0), "adamw: clip_norm must be a finite number > 0 or None for no clipping, got 0.0"),
@@ -199,6 +199,27 @@ def test_bad_hyperparameters_name_the_argument_and_value(kwargs, message):
     args = {"lr": 1e-3, **kwargs}
     with pytest.raises(ValueError, match=re.escape(message)):
         optim.adamw(args.pop("lr"), **args)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr="1e-3"), "adamw: lr must be a finite number >= 0 or a schedule, got str '1e-3'"),
+    (dict(lr=True), "adamw: lr must be a finite number >= 0 or a schedule, got bool True"),
+    (dict(betas=0.9), "adamw: betas must be two numbers (b1, b2) in [0, 1), got float 0.9"),
+    (dict(warmup_steps=1.5), "adamw: warmup_steps must be an int >= 0, got float 1.5"),
+    (dict(clip_norm="1"), "adamw: clip_norm must be a finite number > 0 or None for no clipping, got str '1'"),
+])
+def test_hyperparameters_of_the_wrong_type_name_the_argument_and_type(kwargs, message):
+    args = {"lr": 1e-3, **kwargs}
+    with pytest.raises(TypeError, match=re.escape(message)):
+        optim.adamw(args.pop("lr"), **args)
+
+
+@pytest.mark.parametrize("value, error", [(float("nan"), ValueError), (-1.0, ValueError), ("1", TypeError),
+                                          (True, TypeError)])
+def test_set_hyperparams_refuses_what_adamw_refuses(value, error):
+    state = optim.adamw(1e-3).init({"a": torch.ones(2)})
+    with pytest.raises(error, match="learning_rate must be a finite number >= 0"):
+        optim.set_hyperparams(state, learning_rate=value)
 
 
 def test_tiny_eps_keeps_zero_gradients_finite():

@@ -97,7 +97,7 @@ def test_metrics_hold_objective_outputs_lr_and_grad_norm():
         state, metrics = step(state, random_batch(2, 4, 8, seed=i, start=4 * i))
         lrs.append(metrics["lr"].item())
         assert set(metrics) == {"loss", "camera_loss", "button_loss", "entropy", "bc_weight", "lr", "grad_norm",
-                                "skipped_updates"}
+                                "nonfinite", "skipped_updates"}
         assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in metrics.values())
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3])
 

@@ -1,4 +1,5 @@
-"""The eager step's edges: an optional mask mid-run, the non-finite guard, the EMA, hyper-parameters as state."""
+"""The eager step's edges: an optional mask mid-run, the non-finite guard and the ``nonfinite`` metric, the EMA,
+hyper-parameters as state."""
 
 import optree
 import pytest
@@ -6,7 +7,9 @@ import torch
 
 import losses
 import mstudio
+from mstudio.batch import normalize_batch
 from mstudio.data.synthetic import random_batch
+from mstudio.train.step import train_step_function, value_and_grad_autograd
 from tests.support.policies import CountingPolicy
 
 
@@ -105,3 +108,56 @@ def test_a_hyperparam_objective_needs_a_state_that_holds_it():
     step = mstudio.make_train_step(policy, objective, optimizer, compile=False)
     with pytest.raises(ValueError, match=r"init_state\(\.\.\., objective=objective\)"):
         step(mstudio.init_state(policy, optimizer, 2), random_batch(2, 4, 8))
+
+
+def _nan_loss(batch, latents, params):
+    out = losses.behavior_clone(batch, latents, params)
+    return {**out, "loss": out["loss"] * float("nan")}
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_the_bare_step_reports_nonfinite_whether_or_not_it_skips(skip_nonfinite):
+    policy = CountingPolicy()
+    optimizer = mstudio.optim.adamw(1e-3)
+    state = mstudio.init_state(policy, optimizer, 2)
+    step = mstudio.make_train_step(policy, _nan_loss, optimizer, compile=False, skip_nonfinite=skip_nonfinite)
+    after, metrics = step(state, random_batch(2, 4, 8))
+    assert metrics["nonfinite"].dim() == 0 and metrics["nonfinite"].dtype == torch.int64
+    assert metrics["nonfinite"].item() == 1
+    assert metrics["skipped_updates"].item() == int(skip_nonfinite)
+    assert _equal_trees(after.params, state.params) == skip_nonfinite  # unguarded, the NaN reaches the parameters
+
+
+def test_a_finite_step_reports_nonfinite_zero():
+    state, step = _make()
+    _, metrics = step(state, random_batch(2, 4, 8))
+    assert metrics["nonfinite"].item() == 0 and metrics["skipped_updates"].item() == 0
+
+
+def test_a_nan_learning_rate_is_nonfinite_although_loss_and_gradient_are_finite():
+    # a schedule's NaN cannot be checked at the edge (it is a tensor of the step): the update norm shows it
+    policy = CountingPolicy()
+    optimizer = mstudio.optim.adamw(lambda step: torch.where(step == 0, float("nan"), 1e-3))
+    state = mstudio.init_state(policy, optimizer, 2)
+    step = mstudio.make_train_step(policy, losses.behavior_clone, optimizer, compile=False)
+    after, metrics = step(state, random_batch(2, 4, 8))
+    assert torch.isfinite(metrics["loss"]) and torch.isfinite(metrics["grad_norm"])
+    assert metrics["nonfinite"].item() == 1 and _equal_trees(after.params, state.params)
+
+
+def test_the_pure_step_computes_nonfinite_without_a_host_sync(monkeypatch):
+    policy = CountingPolicy()
+    optimizer = mstudio.optim.adamw(1e-3)
+    state = mstudio.init_state(policy, optimizer, 2)
+    batch = normalize_batch(random_batch(2, 4, 8))
+    apply_fn, params, _ = mstudio.functionalize(policy)
+    reached = frozenset(name for name in params if not name.startswith("value."))
+    pure = train_step_function(apply_fn, _nan_loss, optimizer, reached, value_and_grad_autograd)
+    syncs = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=original, _n=name, **k: (syncs.append(_n), _o(self, *a, **k))[1])
+    _, metrics = pure(state, batch)
+    monkeypatch.undo()
+    assert syncs == [] and metrics["nonfinite"].item() == 1
