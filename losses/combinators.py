@@ -46,7 +46,8 @@ def weighted(objective: Objective, weight: Weight, *, weight_key: str | None = N
             from the train state, so it can change mid-run without a recompile (see :mod:`losses.api`).
         weight_key: the metric that reports the objective's weight, multiplied too so it shows the weight in
             force (MineStudio logs ``bc_weight`` / ``kl_weight``). Defaults to the objective's declared
-            ``weight_key`` attribute (``behavior_clone.weight_key == "bc_weight"``); ``None`` when it has none.
+            ``weight_key`` attribute (``behavior_clone.weight_key == "bc_weight"``; a ``functools.partial``'s
+            function's); ``None`` when it has none.
 
     ``weighted(behavior_clone, 0.01)`` returns exactly what MineStudio's ``BehaviorCloneCallback(weight=0.01)``
     does. A NaN from a schedule cannot be seen without a host sync: the train step's guard skips that update.
@@ -61,7 +62,9 @@ def weighted(objective: Objective, weight: Weight, *, weight_key: str | None = N
     """
     _check_callable(objective, "weighted: objective")
     weight = _check_weight(weight)
-    key = weight_key if weight_key is not None else getattr(objective, "weight_key", None)
+    # a functools.partial (e.g. label_smoothed_behavior_clone with its smoothing bound) keeps its function's key
+    declared = getattr(objective, "weight_key", getattr(getattr(objective, "func", None), "weight_key", None))
+    key = weight_key if weight_key is not None else declared
 
     def weighted_objective(batch: Mapping[str, Any], latents: Mapping[str, Any], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         out = check_output(objective(batch, latents, params), objective)

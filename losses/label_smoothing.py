@@ -35,7 +35,7 @@ def label_smoothed_behavior_clone(
     With ``smoothing=0`` every output equals ``behavior_clone``'s bit for bit. Bind another value with
     ``functools.partial(label_smoothed_behavior_clone, smoothing=0.2)``; weight it with :func:`losses.weighted`
     (``bc_weight``, its declared ``weight_key``, then reports the weight, as for ``behavior_clone``; a
-    ``partial`` does not carry the attribute, so pass ``weighted(..., weight_key="bc_weight")`` with one).
+    ``partial`` of it too).
 
     Args:
         smoothing: ``eps`` in ``[0, 1)``.

@@ -123,3 +123,8 @@ def test_objective_metrics_must_be_scalars(value, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         losses.combine(draft)({}, {}, {})
+
+
+def test_weighted_finds_the_weight_key_of_a_partials_function():
+    smoothed = functools.partial(losses.label_smoothed_behavior_clone, smoothing=0.2)
+    assert losses.weighted(smoothed, 0.5).weight_key == "bc_weight"
