@@ -22,8 +22,8 @@ def _run(index: int) -> dict:
     return namespace
 
 
-def test_the_readme_has_the_three_snippets():
-    assert len(_snippets()) == 3
+def test_the_readme_has_the_four_snippets():
+    assert len(_snippets()) == 4
 
 
 def test_functional_snippet_learns_and_sets_hyperparams():
@@ -59,3 +59,11 @@ def test_the_objective_written_as_the_readme_shows_compiles_and_reweights_withou
         state, second = step(state, random_batch(2, 4, 16, seed=1, start=4))
     assert torch.isfinite(second["loss"]) and second["value_l2"] >= 0
     assert state.skipped_updates.item() == 0
+
+
+def test_research_snippet_reports_every_term_and_a_noise_scale():
+    ns = _run(3)
+    report = ns["diagnose"](ns["policy"], ns["terms"], ns["state"], ns["batch"])
+    assert set(report) >= {"grad_norm/camera", "grad_norm/entropy", "grad_cosine/camera__buttons"}
+    assert all(torch.isfinite(v) for k, v in report.items() if k.startswith("grad_norm/"))
+    assert ns["per_sample"]["pi_camera.weight"].shape[0] == 4
