@@ -10,8 +10,10 @@ applies are opt-in: GUI mouse scaling by recorder version, and ESC read as ``inv
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+import numbers
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -24,7 +26,10 @@ __all__ = [
     "GUI_MOUSE_SCALE",
     "KEYS",
     "MOUSE_BUTTONS",
+    "MAX_MOUSE_COUNTS",
     "ContractorActions",
+    "check_line",
+    "check_lines",
     "contractor_to_env",
 ]
 
@@ -49,6 +54,77 @@ EXTRA_BUTTONS = ("ESC", "swapHands", "pickItem")
 #: dx/dy scale while a GUI is open, by recorder version (defined, unused, in VPT's and MineStudio's loaders).
 GUI_MOUSE_SCALE = {"5.7": 0.5, "5.8": 0.5, "6.7": 2.0, "6.8": 2.0, "6.9": 2.0}
 CAMERA_MODES = ("float", "vpt_int")
+#: Largest mouse motion (``dx``, ``dy``) accepted in one line, in counts; recorded values stay in the thousands,
+#: and anything past about 1e38 would overflow the stored float32 degrees.
+MAX_MOUSE_COUNTS = 1e6
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def _is_count(value: Any) -> bool:
+    return _is_number(value) and abs(value) <= MAX_MOUSE_COUNTS
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+#: What the converter reads from a line: ``(device, key) -> (check, what is allowed)``; ``null`` is always allowed.
+_LINE_FIELDS = {
+    ("mouse", "x"): (_is_number, "a finite number"),
+    ("mouse", "y"): (_is_number, "a finite number"),
+    ("mouse", "dx"): (_is_count, f"a finite number at most {MAX_MOUSE_COUNTS:g} in size"),
+    ("mouse", "dy"): (_is_count, f"a finite number at most {MAX_MOUSE_COUNTS:g} in size"),
+    ("mouse", "buttons"): (_is_int_list, "a list of integers"),
+    ("mouse", "newButtons"): (_is_int_list, "a list of integers"),
+    ("keyboard", "keys"): (_is_str_list, "a list of strings"),
+    (None, "isGuiOpen"): (lambda v: isinstance(v, (bool, np.bool_)), "true or false"),
+    (None, "hotbar"): (lambda v: _is_int(v) and 0 <= v <= 8, "an integer 0-8"),
+}
+
+
+def _found(value: Any) -> str:
+    """``value`` as JSON (NaN and Infinity print as such; numpy scalars as numbers), cut to 40 characters."""
+    text = json.dumps(value, default=lambda v: v.item() if isinstance(v, np.generic) else repr(v))
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_line(line: Any, where: str) -> None:
+    """Check that one parsed contractor line holds what :func:`contractor_to_env` reads, with the allowed types.
+
+    Args:
+        line: a line parsed from a jsonl file.
+        where: the line, for the message (``"x.jsonl line 3"``, ``"lines[2]"``).
+
+    Raises:
+        ValueError: ``"<where>: '<key>' must be <allowed> or null, got <found>"`` for the first bad value.
+    """
+    if not isinstance(line, Mapping):
+        raise ValueError(f"{where}: must be a JSON object, got {_found(line)}")
+    for device in ("mouse", "keyboard"):
+        if line.get(device) is not None and not isinstance(line[device], Mapping):
+            raise ValueError(f"{where}: '{device}' must be an object or null, got {_found(line[device])}")
+    for (device, key), (ok, allowed) in _LINE_FIELDS.items():
+        value = (line if device is None else (line.get(device) or {})).get(key)
+        if value is not None and not ok(value):
+            name = key if device is None else f"{device}.{key}"
+            raise ValueError(f"{where}: '{name}' must be {allowed} or null, got {_found(value)}")
+
+
+def check_lines(lines: Iterable[Any], name: str = "jsonl", *, first: int = 1) -> None:
+    """:func:`check_line` for every line of ``lines``, named ``"<name> line <n>"`` from ``n = first``."""
+    for number, line in enumerate(lines, start=first):
+        check_line(line, f"{name} line {number}")
 
 
 class ContractorActions(NamedTuple):
@@ -81,7 +157,7 @@ def _field(line: Mapping[str, Any], device: str) -> Mapping[str, Any]:
 
 
 def contractor_to_env(
-    lines: Sequence[Mapping[str, Any]],
+    lines: Iterable[Mapping[str, Any]],
     *,
     camera: str = "float",
     gui_scaling_version: str | None = None,
@@ -90,22 +166,24 @@ def contractor_to_env(
     """Convert one segment's parsed jsonl lines, in order, to env actions.
 
     Args:
-        lines: the segment's lines, each a dict parsed from one jsonl line.
+        lines: the segment's lines in order (a list, or any iterable but a str or mapping), each a dict parsed from
+            one jsonl line; every value the converter reads is checked first (:func:`check_line`).
         camera: ``"float"`` (MineStudio) or ``"vpt_int"`` (VPT's scripts truncate degrees toward zero).
         gui_scaling_version: the recorder version (``"6.9"``, ...; the first part of a segment's relpath) to
             scale dx/dy by while a GUI is open; ``None`` for no scaling (MineStudio and VPT do none).
         esc_as_inventory: read ESC as ``inventory`` while a GUI is open (VPT's original training did).
 
     Raises:
-        ValueError: an unknown ``camera`` mode, or a line that is not a dict (with its index).
+        TypeError: ``lines`` is a str, a mapping or not iterable.
+        ValueError: an unknown ``camera`` mode, or a line holding a value of the wrong type or range
+            (``"lines[<i>]: '<key>' must be <allowed> or null, got <found>"``).
     """
     gui_scale = _gui_scale(camera, gui_scaling_version)
+    lines = _checked(lines)
     out = _empty_actions(len(lines))
     pressed = {name: out.env[name] for name in BUTTONS} | out.extra  # button -> its uint8 (N,) array in out
     attack_stuck, last_hotbar = False, 0
     for i, line in enumerate(lines):
-        if not isinstance(line, Mapping):
-            raise ValueError(f"jsonl line {i} must be a JSON object, got {type(line).__name__}")
         mouse, keyboard = _field(line, "mouse"), _field(line, "keyboard")
         buttons, attack_stuck, out.attack_stuck_removed[i] = _release_stuck_attack(i, mouse, attack_stuck)
         out.gui_open[i] = bool(line.get("isGuiOpen", False))
@@ -118,6 +196,16 @@ def contractor_to_env(
         out.cursor[i] = (float(mouse.get("x", 0.0) or 0.0), float(mouse.get("y", 0.0) or 0.0))
         last_hotbar = _track_hotbar(pressed, out.hotbar_synthesized, i, line.get("hotbar"), last_hotbar)
     return out
+
+
+def _checked(lines: Iterable[Any]) -> list[Mapping[str, Any]]:
+    """``lines`` as a list, every line checked (:func:`check_line`); ``TypeError`` if it is no sequence of lines."""
+    if isinstance(lines, (str, bytes, Mapping)) or not isinstance(lines, Iterable):
+        raise TypeError(f"lines must be a sequence of parsed jsonl lines (dicts); got {type(lines).__name__}")
+    lines = list(lines)
+    for i, line in enumerate(lines):
+        check_line(line, f"lines[{i}]")
+    return lines
 
 
 def _gui_scale(camera: str, gui_scaling_version: str | None) -> float:

@@ -8,23 +8,23 @@ trailing frame is dropped), actions converted as MineStudio does (:func:`mstudio
 the mouse cursor drawn where a GUI is open (the recorder does not capture it, but the game renders one), the
 frames resized, and the joint indices and flags computed (null: ``buttons == 0``, after mapping).
 
-Every jsonl line is checked before conversion (:func:`check_lines`: types, ``hotbar`` 0-8, finite mouse
-numbers). A segment that cannot be used (unreadable or invalid jsonl, a video without a video stream or with
-the wrong frame count, ...) is skipped and reported as ``(mp4 path, reason)``, the reason naming the file, line
-and key; its session is split there: the segments before it and those after it become separate episodes,
-never joined across the gap. Everything else is imported. Episodes already in the store are skipped, so
-re-running resumes (and skips the same bad segments again).
+Every jsonl line is checked before conversion (:func:`~mstudio.actions.contractor.check_line`: types,
+``hotbar`` 0-8, finite mouse numbers of sane size). A segment that cannot be used (unreadable or invalid jsonl,
+a video without a video stream or with the wrong frame count, ...) is skipped and reported as ``(mp4 path,
+reason)``, the reason naming the file, line and key; its session is split there: the segments before it and
+those after it become separate episodes, never joined across the gap. Everything else is imported. Episodes
+already in the store are skipped, so re-running resumes (and skips the same bad segments again); so is an
+episode another import of the same data added meanwhile.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
 from urllib.parse import unquote, urlparse
 
 import av
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mstudio.actions import contractor_to_env, env_to_agent
-from mstudio.actions.contractor import CAMERA_MODES, EXTRA_BUTTONS
+from mstudio.actions.contractor import CAMERA_MODES, EXTRA_BUTTONS, check_line, check_lines
 from mstudio.actions.mapping import BUTTONS
 from mstudio.data.store import EpisodeStore
 
@@ -99,13 +99,14 @@ def _parse_stem(stem: str) -> tuple[str, datetime] | None:
 
 
 def _base_dir(base: Any, index_path: Path) -> Path:
-    """The local directory a VPT index's ``basedir`` names: a ``file://`` URI (percent-decoded) or an absolute path;
-    anything else (VPT's own ``https://`` basedir) means the directory of the index file."""
+    """The local directory a VPT index's ``basedir`` names: a ``file://`` URI (percent-decoded), or a path
+    (absolute, or relative to the index file's directory; ``""`` is that directory). Any other URL (VPT's own
+    ``https://`` basedir) means the segments were downloaded next to the index file."""
     if not isinstance(base, str):
         raise ValueError(f"{index_path}: 'basedir' must be a string, got {type(base).__name__}")
     if base.startswith("file://"):
         return Path(unquote(urlparse(base).path))
-    return Path(base) if base.startswith("/") else index_path.parent
+    return index_path.parent if "://" in base else index_path.parent / base
 
 
 def _read_index(path: Path) -> tuple[Path, list[str]]:
@@ -119,28 +120,52 @@ def _read_index(path: Path) -> tuple[Path, list[str]]:
     if not isinstance(relpaths, list) or not all(isinstance(r, str) and r for r in relpaths):
         raise ValueError(f"{path}: 'relpaths' must be a list of non-empty strings, "
                          f"got {type(relpaths).__name__ if relpaths is not None else 'no relpaths'}")
+    if not relpaths:
+        raise ValueError(f"{path} lists no segments: 'relpaths' is empty")
     return _base_dir(index.get("basedir", ""), path), relpaths
 
 
-def _dedupe(relpaths: list[str], base_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
-    """``relpaths`` in order without repeats; each repeat is reported in ``skipped`` (imported once)."""
-    counts = Counter(relpaths)
-    for relpath, count in counts.items():
+def _clean_relpaths(relpaths: list[str], base_dir: Path, skipped: list[tuple[str, str]]) -> list[str]:
+    """``relpaths`` normalised (``a/./b`` is ``a/b``), in order, without repeats and without paths that leave
+    ``base_dir``; each repeat (imported once) and each path outside is reported in ``skipped``."""
+    inside = []
+    for relpath in relpaths:
+        path = PurePosixPath(relpath)
+        if path.is_absolute() or ".." in path.parts:
+            skipped.append((str(base_dir / f"{relpath}.mp4"),
+                            f"relpath must be a relative path inside basedir, without '..'; got {relpath!r}"))
+        else:
+            inside.append(path.as_posix())
+    for relpath, count in Counter(inside).items():
         if count > 1:
             skipped.append((str(base_dir / f"{relpath}.mp4"), f"listed {count} times in the index; imported once"))
-    return list(dict.fromkeys(relpaths))
+    return list(dict.fromkeys(inside))
+
+
+def _drop_repeats(segments: list[Segment], skipped: list[tuple[str, str]]) -> list[Segment]:
+    """``segments`` (sorted by session and start) without a second segment of the same session and start time
+    (one recording under two relpaths, e.g. two recorder-version folders); each one dropped is reported."""
+    kept: list[Segment] = []
+    for segment in segments:
+        if kept and (segment.session, segment.start) == (kept[-1].session, kept[-1].start):
+            skipped.append((str(segment.mp4), f"same session and start time as {kept[-1].relpath} (one recording "
+                                              f"listed twice); imported once"))
+        else:
+            kept.append(segment)
+    return kept
 
 
 def discover(src: str | Path) -> tuple[list[Segment], list[tuple[str, str]]]:
     """Segments under a directory, or listed by a VPT index JSON (``basedir`` + ``relpaths``, local files).
 
     Returns the segments sorted by session and time, and ``(file, reason)`` for what could not be used: a
-    relpath listed more than once, a stem that is not a contractor name, an ``.mp4`` or ``.jsonl`` without its
-    partner (or that is not a file).
+    relpath listed more than once or leading outside ``basedir``, a stem that is not a contractor name, an
+    ``.mp4`` or ``.jsonl`` without its partner (or that is not a file), a second copy of one recording.
 
     Raises:
         FileNotFoundError: ``src`` does not exist.
-        ValueError: ``src`` is a file but not a readable VPT index JSON.
+        ValueError: ``src`` is a file but not a readable VPT index JSON listing segments, or a directory without
+            any ``.mp4`` or ``.jsonl`` file.
     """
     src = Path(src)
     skipped: list[tuple[str, str]] = []
@@ -148,11 +173,14 @@ def discover(src: str | Path) -> tuple[list[Segment], list[tuple[str, str]]]:
         raise FileNotFoundError(f"{src} does not exist (a directory of segments or a VPT index JSON is expected)")
     if src.is_file():
         base_dir, relpaths = _read_index(src)
-        relpaths = _dedupe(relpaths, base_dir, skipped)
+        relpaths = _clean_relpaths(relpaths, base_dir, skipped)
     else:
         base_dir = src
         stems = {p.relative_to(src).with_suffix("").as_posix() for p in (*src.rglob("*.jsonl"), *src.rglob("*.mp4"))}
         relpaths = sorted(stems)
+        if not relpaths:
+            raise ValueError(f"{src} holds no contractor segments: expected <version>/<alias>-<session>-<YYYYMMDD>-"
+                             f"<HHMMSS>.mp4 files, each with its .jsonl, or give a VPT index JSON")
     segments = []
     for relpath in relpaths:
         jsonl, mp4 = base_dir / f"{relpath}.jsonl", base_dir / f"{relpath}.mp4"
@@ -167,13 +195,13 @@ def discover(src: str | Path) -> tuple[list[Segment], list[tuple[str, str]]]:
         else:
             segments.append(Segment(relpath, mp4, jsonl, *parsed))
     segments.sort(key=lambda s: (s.session, s.start))
-    return segments, skipped
+    return _drop_repeats(segments, skipped), skipped
 
 
 def _read_lines(path: Path) -> list[dict]:
     """The parsed, checked lines of a segment's jsonl; raises ``ValueError`` naming the file and line."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark, if an editor added one, is not a line
     except OSError as error:
         raise ValueError(f"{path.name} cannot be read ({error.strerror or error})") from None
     except UnicodeDecodeError as error:
@@ -185,67 +213,10 @@ def _read_lines(path: Path) -> list[dict]:
                 lines.append(json.loads(text_line))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path.name} line {number} is not valid JSON ({error.msg})") from None
-            check_lines(lines[-1:], path.name, first=number)
+            check_line(lines[-1], f"{path.name} line {number}")
     if not lines:
         raise ValueError(f"{path.name} has no action lines")
     return lines
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-#: What the converter reads from a line: ``(device, key) -> (check, what is allowed)``; ``null`` is always allowed.
-_LINE_FIELDS = {
-    ("mouse", "x"): (_is_number, "a finite number"),
-    ("mouse", "y"): (_is_number, "a finite number"),
-    ("mouse", "dx"): (_is_number, "a finite number"),
-    ("mouse", "dy"): (_is_number, "a finite number"),
-    ("mouse", "buttons"): (_is_int_list, "a list of integers"),
-    ("mouse", "newButtons"): (_is_int_list, "a list of integers"),
-    ("keyboard", "keys"): (_is_str_list, "a list of strings"),
-    (None, "isGuiOpen"): (lambda v: isinstance(v, bool), "true or false"),
-    (None, "hotbar"): (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 8, "an integer 0-8"),
-}
-
-
-def _found(value: Any) -> str:
-    text = json.dumps(value)  # values come from JSON; NaN and Infinity print as such
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def check_lines(lines: list[Any], name: str = "jsonl", *, first: int = 1) -> None:
-    """Check that parsed contractor lines hold what :func:`contractor_to_env` reads, with the allowed types.
-
-    Args:
-        lines: parsed jsonl lines.
-        name: the file, for messages.
-        first: the line number of ``lines[0]`` (1-based).
-
-    Raises:
-        ValueError: ``"<name> line <n>: '<key>' must be <allowed>, got <found>"`` for the first bad value.
-    """
-    for number, line in enumerate(lines, start=first):
-        if not isinstance(line, Mapping):
-            raise ValueError(f"{name} line {number}: must be a JSON object, got {_found(line)}")
-        for device in ("mouse", "keyboard"):
-            if line.get(device) is not None and not isinstance(line[device], Mapping):
-                found = _found(line[device])
-                raise ValueError(f"{name} line {number}: '{device}' must be an object or null, got {found}")
-        for (device, key), (ok, allowed) in _LINE_FIELDS.items():
-            holder = line if device is None else (line.get(device) or {})
-            value = holder.get(key)
-            if value is not None and not ok(value):
-                where = key if device is None else f"{device}.{key}"
-                raise ValueError(f"{name} line {number}: '{where}' must be {allowed} or null, got {_found(value)}")
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -304,9 +275,10 @@ def convert_segment(segment: Segment, resolution: int, camera: str) -> dict[str,
     except (av.FFmpegError, OSError) as error:
         raise ValueError(f"{segment.mp4.name}: video cannot be decoded ({error})") from None
     if not len(lines) <= len(frames) <= len(lines) + 1:
-        raise ValueError(f"{len(frames)} video frames for {len(lines)} action lines (needs n_lines or n_lines + 1)")
+        raise ValueError(f"{segment.mp4.name} has {len(frames)} video frames for {len(lines)} action lines in "
+                         f"{segment.jsonl.name}; expected as many frames as lines, or one more")
     if frames.shape[1:3] != SOURCE_SIZE:
-        raise ValueError(f"video is {frames.shape[2]}x{frames.shape[1]}, contractor videos are 640x360")
+        raise ValueError(f"{segment.mp4.name} is {frames.shape[2]}x{frames.shape[1]}; contractor videos are 640x360")
     frames = frames[: len(lines)]
     actions = contractor_to_env(lines, camera=camera)
     for i in np.flatnonzero(actions.gui_open):
@@ -368,11 +340,13 @@ def import_vpt(
         an :class:`ImportSummary`. An episode's id is its first segment's relpath.
 
     Raises:
-        ValueError: ``resolution`` < 1, an unknown ``camera``, a store of another image size, or ``src`` a file
-            that is not a VPT index JSON (checked before any segment is read).
+        TypeError: ``store`` is not an :class:`EpisodeStore` or ``max_gap`` not a ``timedelta``.
+        ValueError: ``resolution`` < 1, an unknown ``camera``, a negative ``max_gap``, a store of another image
+            size, or ``src`` a file that is not a VPT index JSON or a directory without segments (all checked
+            before any segment is read).
         FileNotFoundError: ``src`` does not exist.
     """
-    _check_arguments(store, resolution, camera)
+    _check_arguments(store, resolution, camera, max_gap)
     segments, skipped = discover(src)
     summary = ImportSummary(skipped=skipped)
     bar = tqdm(total=len(segments), unit="segment", desc="import-vpt", disable=not progress)
@@ -382,8 +356,15 @@ def import_vpt(
     return summary
 
 
-def _check_arguments(store: EpisodeStore, resolution: int, camera: str) -> None:
-    """Raise ``ValueError`` for arguments every segment would fail on, before anything is read."""
+def _check_arguments(store: EpisodeStore, resolution: int, camera: str, max_gap: timedelta) -> None:
+    """Raise ``TypeError``/``ValueError`` for arguments every segment would fail on, before anything is read."""
+    if not isinstance(store, EpisodeStore):
+        raise TypeError(f"store must be an EpisodeStore (EpisodeStore.open(path) or EpisodeStore.create(path, "
+                        f"(resolution, resolution))); got {type(store).__name__} {store!r}")
+    if not isinstance(max_gap, timedelta):
+        raise TypeError(f"max_gap must be a datetime.timedelta; got {type(max_gap).__name__} {max_gap!r}")
+    if max_gap < timedelta(0):
+        raise ValueError(f"max_gap must be >= 0; got {max_gap} ({max_gap.total_seconds():g} s)")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be an integer >= 1, got {resolution!r}")
     if camera not in CAMERA_MODES:
@@ -411,7 +392,7 @@ def _import_episode(
             _append(store, pending, summary)
             pending = []
             summary.already_present.append(segment.relpath)
-            done.update(store.info(segment.relpath)["segments"])
+            done.update(_segments_of(store, segment.relpath))
             continue
         try:
             pending.append((segment, convert_segment(segment, resolution, camera)))
@@ -422,17 +403,30 @@ def _import_episode(
     _append(store, pending, summary)
 
 
+def _segments_of(store: EpisodeStore, episode_id: str) -> list[str]:
+    """The segment relpaths an episode already in ``store`` holds (just its id for one another tool wrote)."""
+    segments = store.info(episode_id).get("segments")
+    return [s for s in segments if isinstance(s, str)] if isinstance(segments, list) else [episode_id]
+
+
 def _append(store: EpisodeStore, pending: list[tuple[Segment, dict]], summary: ImportSummary) -> None:
+    """Append the converted segments ``pending`` as one episode (none: nothing) and count it in ``summary``."""
     if not pending:
         return
     episode_id = pending[0][0].relpath
     arrays = {key: np.concatenate([a[key] for _, a in pending]) for key in pending[0][1]}
     offsets = np.cumsum([0] + [len(a["buttons"]) for _, a in pending[:-1]]).tolist()
-    store.append(episode_id, arrays, {
-        "source": "vpt-contractor",
-        "segments": [s.relpath for s, _ in pending],
-        "segment_starts": offsets,
-        "recorder_version": pending[0][0].version,
-    })
+    try:
+        store.append(episode_id, arrays, {
+            "source": "vpt-contractor",
+            "segments": [s.relpath for s, _ in pending],
+            "segment_starts": offsets,
+            "recorder_version": pending[0][0].version,
+        })
+    except ValueError:
+        if episode_id not in store:  # append re-read the index: present now means another import added it
+            raise
+        summary.already_present.append(episode_id)
+        return
     summary.imported.append(episode_id)
     summary.frames += len(arrays["buttons"])

@@ -166,7 +166,8 @@ def synthesize_contractor(dest: str | Path, *, episodes: int = 2, frames: int = 
         the path of ``index.json``; its ``basedir`` is a ``file://`` URI (percent-encoded, as VPT's are URLs).
 
     Raises:
-        ValueError: ``episodes`` < 0, or ``frames`` outside ``[1, 2**BITS - 2]`` (the barcode numbers every frame).
+        ValueError: ``episodes`` < 0, ``frames`` outside ``[1, 2**BITS - 2]`` (the barcode numbers every frame), or
+            ``dest`` a file.
     """
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 0:
         raise ValueError(f"episodes must be an integer >= 0, got {episodes!r}")
@@ -174,6 +175,8 @@ def synthesize_contractor(dest: str | Path, *, episodes: int = 2, frames: int = 
         raise ValueError(f"frames must be an integer in [1, {2**BITS - 2}] (the barcode numbers them), got {frames!r}")
     rng = random.Random(seed)
     root = Path(dest)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"dest must be a directory (new or existing); {root} is a file")
     (root / VERSION).mkdir(parents=True, exist_ok=True)
     relpaths = []
     start = datetime(2022, 4, 21, 9, 56, 0)

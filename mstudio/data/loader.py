@@ -11,8 +11,10 @@ from __future__ import annotations
 import warnings
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 
+from mstudio.data._checks import integer
 from mstudio.data.samplers import EpisodeContinuous, RandomWindows, Sampler
 from mstudio.data.store import EpisodeStore
 from mstudio.data.windows import WindowDataset
@@ -54,15 +56,19 @@ class Loader:
             or your own).
         num_workers: worker processes (persistent across epochs); each maps the store's files itself.
         pin_memory: pin batches for fast copies to the GPU; default ``torch.cuda.is_available()``.
+
+    Iterating raises ``ValueError`` when the sampler gives no batch for the epoch (``len(loader) == 0``), so a
+    loop over epochs never spins without data; :func:`make_loader` checks epoch 0 when it makes the loader.
     """
 
     def __init__(self, dataset: WindowDataset, sampler: Sampler, *, num_workers: int = 0,
                  pin_memory: bool | None = None):
+        if not isinstance(dataset, WindowDataset):
+            raise TypeError(f"dataset must be a WindowDataset; got {type(dataset).__name__}")
         if not isinstance(sampler, Sampler):
             raise TypeError(f"sampler must follow mstudio.data.Sampler (a batch_size attribute and a "
                             f"batches(dataset, epoch) method), got {type(sampler).__name__}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        num_workers = integer("num_workers", num_workers, 0)
         self.dataset, self.sampler = dataset, sampler
         self._epoch, self._batch = 0, 0
         self._cache: tuple[int, list[list[int]]] | None = None  # (epoch, its batches): asked for once per epoch
@@ -96,11 +102,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._batch
-        batches = self._batches(epoch)
-        if not batches:  # an empty epoch would make `while True: for batch in loader` spin forever
-            raise ValueError(f"{type(self.sampler).__name__} gives no batches of {self.sampler.batch_size} for "
-                             f"epoch {epoch} of {len(self.dataset)} windows in {len(self.episodes)} episodes; "
-                             f"use a smaller batch_size or more episodes")
+        batches = _nonempty(self.sampler, self.dataset, epoch, self._batches(epoch))
         self._plan.batches = batches[start:]
         for batch in self._loader:
             # counted before the consumer gets it: a checkpoint taken after this batch resumes past it
@@ -116,14 +118,34 @@ class Loader:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from ``state`` (from :meth:`state_dict`): the next batch is batch ``state["batch"]`` of epoch
         ``state["epoch"]``, exactly the one an uninterrupted run would give, given the same sampler and data."""
-        if set(state) != {"epoch", "batch"} or not all(isinstance(v, int) and v >= 0 for v in state.values()):
+        if not isinstance(state, Mapping):
+            raise TypeError(f"a loader state is a dict {{'epoch': int >= 0, 'batch': int >= 0}}; got "
+                            f"{type(state).__name__}")
+        natural = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in state.values())
+        if set(state) != {"epoch", "batch"} or not natural:
             raise ValueError(f"a loader state is {{'epoch': int >= 0, 'batch': int >= 0}}, got {dict(state)!r}")
-        epoch, batch = state["epoch"], state["batch"]
+        epoch, batch = int(state["epoch"]), int(state["batch"])
         count = len(self._batches(epoch))
         if batch > count:
             raise ValueError(f"state batch {batch} is past the end of epoch {epoch}, which has {count} batches "
                              f"here; was the state saved with another sampler, batch size, world size or store?")
         self._epoch, self._batch = (epoch + 1, 0) if batch == count else (epoch, batch)
+
+
+def _nonempty(sampler: Sampler, dataset: WindowDataset, epoch: int, batches: list[list[int]]) -> list[list[int]]:
+    """``batches``, unless empty: an empty epoch would make ``while True: for batch in loader`` spin forever."""
+    if batches:
+        return batches
+    # the built-in samplers split the data over ranks; a sampler of your own may not say how
+    ranks = getattr(sampler, "num_replicas", 1)
+    episodes, windows = len(dataset.episodes), len(dataset)
+    where = f" on rank {sampler.rank} of {ranks}" if ranks > 1 else ""
+    per_rank = f", {episodes // ranks} episodes and {windows // ranks} windows per rank" if ranks > 1 else ""
+    raise ValueError(
+        f"{type(sampler).__name__} gives no batches of {sampler.batch_size} for epoch {epoch}{where}: the dataset has "
+        f"{windows} windows in {episodes} episodes{per_rank}. EpisodeContinuous needs batch_size <= the episodes per "
+        f"rank (each row follows an episode of its own); RandomWindows (drop_last=True) needs batch_size <= the "
+        f"windows per rank. Use a smaller batch_size or more episodes")
 
 
 def make_loader(store: EpisodeStore, window: int, sampler: Sampler | int | None = None, *, skip_frame: int = 1,
@@ -151,11 +173,19 @@ def make_loader(store: EpisodeStore, window: int, sampler: Sampler | int | None 
 
     Returns:
         The loader; its batches are described in :class:`Loader`.
+
+    Raises:
+        ValueError: the sampler gives no batch for epoch 0 (``batch_size`` larger than the episodes, or windows,
+            per rank), or a bad ``window`` or ``skip_frame``.
+        TypeError: ``store`` is not an :class:`EpisodeStore` (open one with ``EpisodeStore.open(path)``).
     """
     if sampler is None or isinstance(sampler, int) or deprecated:
         window, sampler = _legacy_sampler(window, sampler, deprecated)
     dataset = WindowDataset(store, window, skip_frame=skip_frame)
-    return Loader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
+    loader = Loader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
+    # refuse now, not at the first batch; not cached: a process group initialised later changes the world
+    _nonempty(sampler, dataset, 0, sampler.batches(dataset, 0))
+    return loader
 
 
 _LEGACY = ("batch_size", "continuous", "seed", "num_replicas", "rank")

@@ -22,6 +22,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from mstudio.data._checks import integer
 from mstudio.data.windows import WindowDataset
 
 __all__ = ["EpisodeContinuous", "EpisodeContinuousBatchSampler", "RandomWindows", "Sampler"]
@@ -58,8 +59,8 @@ def _world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
                 raise ValueError(f"{name}={given} disagrees with the initialised torch.distributed process group, "
                                  f"whose {what} is {actual}; pass {name}=None (the default) to use the group's")
         return group
-    num_replicas = 1 if num_replicas is None else num_replicas
-    rank = 0 if rank is None else rank
+    num_replicas = 1 if num_replicas is None else integer("num_replicas", num_replicas)
+    rank = 0 if rank is None else integer("rank", rank)
     if num_replicas < 1 or not 0 <= rank < num_replicas:
         raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got num_replicas={num_replicas}, "
                          f"rank={rank} (no torch.distributed process group is initialised, so unset values "
@@ -78,8 +79,7 @@ class _BuiltinSampler:
     """Shared by the built-in samplers: validated batch size, seed and (lazily resolved) world."""
 
     def __init__(self, batch_size: int, seed: int, shuffle: bool, num_replicas: int | None, rank: int | None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size, seed = integer("batch_size", batch_size, 1), integer("seed", seed)
         _world(num_replicas, rank)  # fail at build time on a bad or conflicting rank
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         # resolved again at every epoch: a process group initialised after construction is honoured (or conflicts)
@@ -118,7 +118,8 @@ class RandomWindows(_BuiltinSampler):
         self.drop_last = drop_last
 
     def batches(self, dataset: WindowDataset, epoch: int) -> list[list[int]]:
-        """This rank's batches of item indices for ``epoch`` (see the class docstring)."""
+        """This rank's batches of item indices for ``epoch`` (see the class docstring); none when a rank gets fewer
+        than ``batch_size`` windows with ``drop_last`` (the :class:`~mstudio.data.Loader` refuses that)."""
         num_replicas, rank = _world(self._num_replicas, self._rank)
         order = _order(len(dataset), self.shuffle, self.seed + epoch)
         count = len(order) // num_replicas
@@ -149,7 +150,8 @@ class EpisodeContinuous(_BuiltinSampler):
         super().__init__(batch_size, seed, shuffle, num_replicas, rank)
 
     def batches(self, dataset: WindowDataset, epoch: int) -> list[list[int]]:
-        """This rank's batches of item indices for ``epoch`` (see the class docstring)."""
+        """This rank's batches of item indices for ``epoch`` (see the class docstring); none when a rank gets fewer
+        episodes than ``batch_size`` (a row would have none; the :class:`~mstudio.data.Loader` refuses that)."""
         num_replicas, rank = _world(self._num_replicas, self._rank)
         order = _order(len(dataset.episodes), self.shuffle, self.seed + epoch)
         lengths = dataset.windows_per_episode

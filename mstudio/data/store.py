@@ -2,21 +2,29 @@
 
 Layout (``vpt_data_spec.md`` 5.1, with one directory per episode so that an append is a rename)::
 
-    root/manifest.json            format version, frame size, action-space constants, user metadata
-    root/index.json               the visible episodes, in append order: id -> {"dir", "length", "info"}
-    root/episodes/<n>/<key>.npy   one file per array, one row per frame
-    root/.lock                    the writers' lock (``fcntl.flock``, exclusive)
+    root/manifest.json                  format version, frame size, action-space constants, user metadata
+    root/index.json                     the visible episodes, in append order: id -> {"dir", "length", "info", "crc32"}
+    root/episodes/<n>/<key>.npy         one file per array, one row per frame
+    root/episodes/<n>/episode.json      the episode's own record: {"id", "length", "info", "crc32"}
+    root/.lock                          the writers' lock (``fcntl.flock``, exclusive)
+
+``crc32`` holds the CRC-32 of every array file as written. Reads check a file against it the first time a
+process maps that file, and :meth:`EpisodeStore.verify` checks them all. Stores written before checksums
+existed have none: they open and read as before, and verify notes it.
 
 Writers (:meth:`EpisodeStore.create`, :meth:`EpisodeStore.append`, :meth:`EpisodeStore.verify`) hold an
 exclusive lock on ``root/.lock``, so several processes may append to one store; inside the lock an append
 re-reads ``index.json`` from disk, so a store opened earlier never overwrites newer entries. Readers take
 no lock.
 
-An append writes the episode's arrays into a temporary directory, renames it into place, then replaces
-``index.json`` atomically (write + fsync + ``os.replace``). An episode is visible only once the index names
-it, so a crash at any point leaves no partial episode; a directory left by a crash is reported (and with
-``repair=True`` removed) by :meth:`EpisodeStore.verify`. Reads memory-map each array on first use, once per
-process (DataLoader workers open their own after fork), and check it against the index and the spec.
+An append writes the episode's array files and its ``episode.json`` into a temporary directory, renames it to
+a directory name never used before, then replaces ``index.json`` atomically (write + fsync + ``os.replace``).
+An episode is visible only once the index names it, so a process killed at any point leaves no partial
+episode. (Array files are not fsynced, for speed: after a power loss, checksums reveal any damage to the
+newest episodes.) :meth:`EpisodeStore.verify` with ``repair=True`` removes what a crash leaves (temporary
+files and directories) and puts back into the index a complete episode directory the index does not name (a
+crash between the rename and the index update, or an ``index.json`` restored from an older copy): no
+complete, checksummed episode is ever deleted.
 """
 
 from __future__ import annotations
@@ -25,7 +33,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -34,19 +41,20 @@ import numpy as np
 
 from mstudio.actions import N_BUTTONS, N_CAMERA
 from mstudio.actions import camera as camera_quantizer
+from mstudio.data._checks import DIR_NAME, as_path, check_arrays, check_index, entry_problem, image_size_of, json_object
+from mstudio.data._files import ARRAYS, open_array, save_array
 
 __all__ = ["FORMAT", "VERSION", "EpisodeStore", "array_spec"]
 
 FORMAT = "mstudio-episode-store"
 VERSION = 1
 
-_DIR_NAME = re.compile(r"[0-9]+")  # what append names an episode directory: no '..', '/', absolute paths
 _TMP_FILES = (".index.json.tmp", ".manifest.json.tmp")  # what an interrupted _write_json leaves
-_NPY_MAGIC = b"\x93NUMPY"
+_RECORD = "episode.json"  # an episode directory's own record (id, length, info, checksums)
 
 
 def array_spec(image_size: tuple[int, int]) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
-    """Per-frame dtype and trailing shape of every array an episode holds."""
+    """Per-frame dtype and trailing shape of every array an episode holds (keys in :data:`ARRAYS` order)."""
     height, width = image_size
     return {
         "frames": (np.dtype(np.uint8), (height, width, 3)),  # RGB
@@ -62,7 +70,7 @@ def _write_json(path: Path, value: Any) -> None:
     """Write ``value`` to ``path`` atomically: a reader sees the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
+        json.dump(value, f, indent=1, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -92,54 +100,9 @@ def _writer_lock(root: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def _check_index(index: Any, path: Path) -> dict:
-    """``index`` (the content of ``path``) if every entry is valid; else ``ValueError`` naming the entry."""
-    if not isinstance(index, dict):
-        raise ValueError(f"{path} must hold a JSON object (episode id -> entry); found {type(index).__name__}")
-    owners: dict[str, str] = {}
-    for episode_id, entry in index.items():
-        where = f"{path}: episode {episode_id!r}"
-        if not isinstance(entry, dict):
-            raise ValueError(f"{where} must be an object with 'dir', 'length' and 'info'; found {entry!r}")
-        directory, length, info = entry.get("dir"), entry.get("length"), entry.get("info")
-        if not isinstance(directory, str) or not _DIR_NAME.fullmatch(directory):
-            raise ValueError(f"{where} field 'dir' must be a plain directory name inside episodes/ "
-                             f"(decimal digits, like '12'); found {directory!r}")
-        if directory in owners:
-            raise ValueError(f"{where} field 'dir' must name a directory of its own; found {directory!r}, "
-                             f"which is also the dir of episode {owners[directory]!r}")
-        owners[directory] = episode_id
-        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"{where} field 'length' must be a positive int; found {length!r}")
-        if not isinstance(info, dict):
-            raise ValueError(f"{where} field 'info' must be a JSON object; found {info!r}")
-    return index
-
-
 def _load_index(root: Path) -> dict:
     """The validated content of ``root/index.json``."""
-    return _check_index(_read_json(root / "index.json"), root / "index.json")
-
-
-def _load_array(path: Path) -> np.ndarray:
-    """Memory-map the ``.npy`` file ``path`` (never unpickling); ``ValueError`` naming it if it is damaged."""
-    with open(path, "rb") as f:
-        magic = f.read(len(_NPY_MAGIC))
-    if magic != _NPY_MAGIC:
-        raise ValueError(f"{path} is not a .npy file: expected it to start with {_NPY_MAGIC!r}; found {magic!r}")
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path} is a damaged .npy file: {err}") from None
-
-
-def _mismatch(array: np.ndarray, spec: tuple[np.dtype, tuple[int, ...]], length: int) -> str | None:
-    """What is wrong with ``array`` for an episode of ``length`` frames, or ``None``."""
-    dtype, shape = spec
-    expected = (length, *shape)
-    if array.dtype != dtype or array.shape != expected:
-        return f"expected {dtype} {expected}; found {array.dtype} {array.shape}"
-    return None
+    return check_index(_read_json(root / "index.json"), root / "index.json")
 
 
 def _create_blockers(root: Path) -> list[str]:
@@ -151,7 +114,8 @@ def _create_blockers(root: Path) -> list[str]:
     blockers = []
     for child in sorted(root.iterdir()):
         name = child.name
-        if name == ".lock" and child.is_file() or name in _TMP_FILES and child.is_file():
+        # not is_dir(): a temp file another process's create replaces meanwhile is gone by now
+        if (name == ".lock" or name in _TMP_FILES) and not child.is_dir():
             continue
         if name == "episodes" and child.is_dir() and not child.is_symlink() and not any(child.iterdir()):
             continue
@@ -175,19 +139,18 @@ def _refuse_unless_reusable(root: Path) -> None:
                               f"of {{}}, .lock, temp files); found {', '.join(blockers)}")
 
 
-def _new_manifest(image_size: tuple[int, int], meta: Mapping[str, Any] | None) -> dict:
+def _new_manifest(image_size: tuple[int, int], meta: dict) -> dict:
     """The manifest of a new store of ``image_size`` frames."""
-    height, width = image_size
     return {
         "format": FORMAT,
         "version": VERSION,
-        "image_size": [int(height), int(width)],
+        "image_size": list(image_size),
         "fps": 20,
         "n_buttons": N_BUTTONS,
         "n_camera": N_CAMERA,
         "camera_quantizer": {"scheme": "mu_law", "maxval": camera_quantizer.MAXVAL,
                              "binsize": camera_quantizer.BINSIZE, "mu": camera_quantizer.MU},
-        "meta": dict(meta or {}),
+        "meta": meta,
     }
 
 
@@ -205,22 +168,22 @@ def _check_manifest(manifest: Any, path: Path) -> dict:
     return manifest
 
 
-def _leftovers(root: Path, index: Mapping[str, dict]) -> list[tuple[Path, str]]:
-    """Files and directories a crash can leave that no index entry owns, with what each is."""
-    found = [(root / name, "temporary file left by an interrupted write") for name in _TMP_FILES
-             if (root / name).exists()]
-    owned = {entry["dir"] for entry in index.values()}
-    episodes = root / "episodes"
-    for child in sorted(episodes.iterdir()) if episodes.is_dir() else []:
-        if child.name in owned:
-            continue
-        if child.name.endswith(".tmp"):
-            found.append((child, "temporary directory left by an interrupted append"))
-        elif child.is_dir():
-            found.append((child, "episode directory that index.json does not name (left by an interrupted append)"))
-        else:
-            found.append((child, "file that index.json does not name"))
-    return found
+def _record(directory: Path) -> tuple[str, dict] | None:
+    """``(episode id, entry)`` from an episode directory's ``episode.json``, or ``None`` if it has no valid one."""
+    try:
+        record = _read_json(directory / _RECORD)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str) or "crc32" not in record:
+        return None
+    entry = {"dir": directory.name, "length": record.get("length"), "info": record.get("info"),
+             "crc32": record.get("crc32")}
+    return (record["id"], entry) if entry_problem(entry) is None else None
+
+
+def _dir_order(path: Path) -> tuple[int, str]:
+    """Sort key of the entries of ``episodes/``: episode directories by number (append order), then the rest."""
+    return (int(path.name), "") if DIR_NAME.fullmatch(path.name) else (-1, path.name)
 
 
 def _remove(path: Path) -> None:
@@ -234,9 +197,10 @@ def _remove(path: Path) -> None:
 class EpisodeStore:
     """A directory of whole episodes. Make one with :meth:`create`, open one with :meth:`open`."""
 
-    def __init__(self, root: Path, manifest: dict, index: dict):
+    def __init__(self, root: Path, manifest: dict, index: dict, checksums: bool = True):
         self.root, self.manifest, self._index = root, manifest, index
         self.image_size = tuple(manifest["image_size"])
+        self.checksums = checksums
         self._spec = array_spec(self.image_size)
         self._maps: dict[tuple[str, str], np.ndarray] = {}
         self._pid = os.getpid()
@@ -247,11 +211,12 @@ class EpisodeStore:
 
         ``path`` must not exist, be an empty directory, or hold only what an interrupted ``create`` leaves
         (an empty ``episodes/``, ``index.json`` of ``{}``, ``.lock``, temp files; no ``manifest.json``).
-        Anything else raises ``FileExistsError`` naming what is there.
+        Anything else raises ``FileExistsError`` naming what is there. ``image_size`` (positive ints) and
+        ``meta`` (a JSON object) are checked before anything is written.
         """
-        root = Path(path)
+        root = as_path(path)
+        manifest = _new_manifest(image_size_of(image_size), json_object({} if meta is None else meta, "meta"))
         _refuse_unless_reusable(root)  # before the lock file: never leave one in a directory we refuse
-        manifest = _new_manifest(image_size, meta)
         root.mkdir(parents=True, exist_ok=True)
         with _writer_lock(root):
             _refuse_unless_reusable(root)  # another process may have created a store meanwhile
@@ -261,13 +226,20 @@ class EpisodeStore:
         return cls(root, manifest, {})
 
     @classmethod
-    def open(cls, path: str | os.PathLike):
-        """The store at ``path``; ``ValueError`` naming the file if its manifest or index is invalid."""
-        root = Path(path)
+    def open(cls, path: str | os.PathLike, *, checksums: bool = True):
+        """The store at ``path``; ``ValueError`` naming the file if its manifest or index is invalid.
+
+        Args:
+            path: the store's directory.
+            checksums: check each array file against its recorded CRC-32 the first time this process maps it.
+                That reads each file once more: 5-45 % of the loader's frames/s during the first epoch on a 2-core
+                VM, nothing after. ``False`` skips the check for speed; :meth:`verify` always does it.
+        """
+        root = as_path(path)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root} is not an episode store: no manifest.json (make one with EpisodeStore.create)")
         manifest = _check_manifest(_read_json(root / "manifest.json"), root / "manifest.json")
-        return cls(root, manifest, _load_index(root))
+        return cls(root, manifest, _load_index(root), checksums)
 
     @property
     def episode_ids(self) -> list[str]:
@@ -288,134 +260,166 @@ class EpisodeStore:
         """The ``info`` dict the episode was appended with."""
         return self._entry(episode_id)["info"]
 
+    def episodes_without_checksums(self) -> list[str]:
+        """Ids of the episodes written before mstudio recorded checksums (their files are checked for shape only)."""
+        return [episode_id for episode_id, entry in self._index.items() if "crc32" not in entry]
+
     def _entry(self, episode_id: str) -> dict:
         if episode_id not in self._index:
             raise KeyError(f"no episode {episode_id!r} in the store at {self.root} ({len(self)} episodes)")
         return self._index[episode_id]
 
-    def _check(self, arrays: Mapping[str, np.ndarray]) -> int:
-        if set(arrays) != set(self._spec):
-            raise ValueError(f"an episode needs exactly the arrays {sorted(self._spec)}; got {sorted(arrays)}")
-        lengths = {key: len(value) for key, value in arrays.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"all arrays of an episode need the same number of frames; got {lengths}")
-        for key, (dtype, shape) in self._spec.items():
-            value = arrays[key]
-            if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape[1:] != shape:
-                got = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
-                wanted = "(N" + "".join(f", {d}" for d in shape) + ")"
-                raise ValueError(f"arrays[{key!r}] must be {dtype} {wanted}; got {got}")
-        n = lengths["frames"]
-        if n == 0:
-            raise ValueError("an episode needs at least one frame")
-        if arrays["buttons"].min() < 0 or arrays["buttons"].max() >= N_BUTTONS or arrays["camera"].max() >= N_CAMERA:
-            raise ValueError(f"arrays['buttons'] must lie in [0, {N_BUTTONS}) and arrays['camera'] in [0, {N_CAMERA})")
-        return n
-
     def append(self, episode_id: str, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any] | None = None) -> None:
         """Add a whole episode, atomically and safely beside other writing processes (see the module docstring).
 
+        Everything is checked before anything is written.
+
         Args:
             episode_id: a new, unique id.
-            arrays: ``frames`` uint8 ``(N, H, W, 3)``, ``buttons`` int16 ``(N,)``, ``camera`` uint8 ``(N,)``,
-                ``env_buttons`` uint32 ``(N,)``, ``env_camera`` float32 ``(N, 2)``, ``flags`` uint8 ``(N,)``.
-            info: JSON-serialisable facts about the episode (sources, segment boundaries, ...).
+            arrays: ``frames`` uint8 ``(N, H, W, 3)``, ``buttons`` int16 ``(N,)`` in ``[0, 8641)``, ``camera``
+                uint8 ``(N,)`` in ``[0, 121)``, ``env_buttons`` uint32 ``(N,)``, ``env_camera`` float32 ``(N, 2)``
+                finite, ``flags`` uint8 ``(N,)``; ``N >= 1``.
+            info: a JSON object of facts about the episode (sources, segment boundaries, ...).
         """
         if not isinstance(episode_id, str) or not episode_id:
             raise ValueError(f"episode_id must be a non-empty str, got {episode_id!r}")
         if episode_id in self._index:
             raise ValueError(f"episode {episode_id!r} is already in the store at {self.root}")
-        n = self._check(arrays)
-        info = json.loads(json.dumps(dict(info or {})))  # fail now on what JSON cannot hold
+        n = check_arrays(arrays, self._spec)
+        info = json_object({} if info is None else info, "info")
         with _writer_lock(self.root):
             self._index = _load_index(self.root)  # other processes may have appended since we read it
             if episode_id in self._index:
                 raise ValueError(f"episode {episode_id!r} is already in the store at {self.root}")
-            name = str(max((int(e["dir"]) for e in self._index.values()), default=-1) + 1)
-            self._write_episode(name, arrays)
-            index = {**self._index, episode_id: {"dir": name, "length": n, "info": info}}
+            entry = self._write_episode(episode_id, arrays, n, info)
+            index = {**self._index, episode_id: entry}
             _write_json(self.root / "index.json", index)
             self._index = index
 
-    def _write_episode(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write ``arrays`` to ``episodes/<name>`` through a temporary directory (call with the lock held)."""
-        final = self.root / "episodes" / name
+    def _next_dir(self) -> str:
+        """A directory name no episode has used: past every indexed one and every one on disk (call locked)."""
+        episodes = self.root / "episodes"
+        used = [int(e["dir"]) for e in self._index.values()]
+        used += [int(p.name) for p in episodes.iterdir() if DIR_NAME.fullmatch(p.name)] if episodes.is_dir() else []
+        return str(max(used, default=-1) + 1)
+
+    def _write_episode(self, episode_id: str, arrays: Mapping[str, np.ndarray], n: int, info: dict) -> dict:
+        """Write an episode's directory through a temporary one (call with the lock held); returns its entry."""
+        name = self._next_dir()
         tmp = self.root / "episodes" / f".{name}.tmp"
-        for leftover in (tmp, final):  # from a crash: never indexed, so never visible
-            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # from a crash: never indexed, so never visible
         tmp.mkdir()
-        for key, value in arrays.items():
-            np.save(tmp / f"{key}.npy", np.ascontiguousarray(value), allow_pickle=False)
-        os.rename(tmp, final)
+        sums = {key: save_array(tmp / f"{key}.npy", arrays[key]) for key in ARRAYS}
+        # the directory's rename makes the record atomic: no temp file or fsync of its own
+        (tmp / _RECORD).write_text(json.dumps({"id": episode_id, "length": n, "info": info, "crc32": sums}))
+        os.rename(tmp, self.root / "episodes" / name)
+        return {"dir": name, "length": n, "info": info, "crc32": sums}
 
     def read(self, episode_id: str, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
         """Frames ``[start, stop)`` of an episode: a copy of each array's slice (no decoding).
 
-        Raises ``ValueError`` naming the file if a file does not match the index or the spec.
+        Raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file and the episode if a
+        file does not match the index, the spec or its checksum.
         """
         entry = self._entry(episode_id)
         stop = entry["length"] if stop is None else stop
+        for name, value in (("start", start), ("stop", stop)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
         if not 0 <= start <= stop <= entry["length"]:
             raise IndexError(f"frames [{start}, {stop}) are outside episode {episode_id!r} of {entry['length']} frames")
         return {key: np.array(self._map(episode_id, key)[start:stop]) for key in self._spec}
 
     def _map(self, episode_id: str, key: str) -> np.ndarray:
-        """The memory map of one array of an episode, checked against the index and the spec on first use."""
-        if os.getpid() != self._pid:  # a forked worker maps the files itself
+        """The memory map of one array of an episode, checked (and its checksum verified) on first use."""
+        if os.getpid() != self._pid:  # a forked worker maps (and checks) the files itself
             self._maps, self._pid = {}, os.getpid()
         entry = self._index[episode_id]
         mapped = self._maps.get((entry["dir"], key))
         if mapped is None:
-            path = self.root / "episodes" / entry["dir"] / f"{key}.npy"
-            mapped = _load_array(path)
-            problem = _mismatch(mapped, self._spec[key], entry["length"])
-            if problem is not None:
-                raise ValueError(f"{path} does not match {self.root / 'index.json'} for episode {episode_id!r}: "
-                                 f"{problem}")
+            crc = entry.get("crc32", {}).get(key) if self.checksums else None
+            try:
+                mapped = open_array(self.root, entry["dir"], key, self._spec[key], entry["length"], crc)
+            except (OSError, ValueError) as err:
+                path = self.root / "episodes" / entry["dir"] / f"{key}.npy"
+                raise type(err)(f"{path}: episode {episode_id!r}: {err}") from None
             self._maps[(entry["dir"], key)] = mapped
         return mapped
 
     def verify(self, repair: bool = False) -> list[str]:
-        """Problems a crash can leave, one line each (empty: the store is sound).
+        """Problems a crash or damage left, one line each (empty: the store is sound).
 
-        Reports temporary files and directories, episode directories ``index.json`` does not name, and index
-        entries whose files are missing, damaged or of the wrong dtype or length. Holds the writer lock and
-        re-reads ``index.json``.
+        Checks every indexed episode's files (present, inside the store, dtype, shape, checksum) and reports
+        temporary files and directories and episode directories ``index.json`` does not name. Holds the writer
+        lock and re-reads ``index.json``. Episodes without recorded checksums are not problems (see
+        :meth:`episodes_without_checksums`).
 
         Args:
-            repair: remove the leftovers (never anything an index entry owns); their lines end with
-                ``(removed)``. Index entries with missing or wrong files are reported, never dropped.
+            repair: fix what a crash leaves; each such line ends with what was done. Temporary files and
+                directories, and episode directories without a complete, valid record (or holding a copy of an
+                indexed episode), are ``(removed)``; a complete episode directory the index does not name is
+                ``(added to index.json)``. Indexed episodes with missing or damaged files are reported, never
+                touched.
 
         Returns:
             One line per problem found, naming the file or directory relative to the store root.
         """
         with _writer_lock(self.root):
-            self._index = _load_index(self.root)
-            problems = [p for e in self._index for p in self._entry_problems(e)]
-            for path, what in _leftovers(self.root, self._index):
-                if repair:
+            self._index = indexed = _load_index(self.root)
+            problems = [p for e in self._index for p in self._entry_problems(e, self._index[e])]
+            for path, what, adopt in self._leftovers():  # lazy: an orphan sees the ones adopted before it
+                if repair and adopt is not None:
+                    self._index = {**self._index, adopt[0]: adopt[1]}
+                elif repair:
                     _remove(path)
-                problems.append(f"{path.relative_to(self.root)}: {what}" + (" (removed)" if repair else ""))
+                done = "added to index.json" if adopt is not None else "removed"
+                problems.append(f"{path.relative_to(self.root)}: {what}" + (f" ({done})" if repair else ""))
+            if self._index is not indexed:
+                _write_json(self.root / "index.json", self._index)
         return problems
 
-    def _entry_problems(self, episode_id: str) -> list[str]:
-        """What is wrong with the files of an indexed episode, one line each."""
-        entry = self._index[episode_id]
+    def _entry_problems(self, episode_id: str, entry: dict) -> list[str]:
+        """What is wrong with the files of one episode (its ``entry``), one line each."""
         directory = self.root / "episodes" / entry["dir"]
         if not directory.is_dir():
             return [f"{directory.relative_to(self.root)}: missing; index.json lists episode {episode_id!r} "
                     f"({entry['length']} frames) there"]
         problems = []
         for key, spec in self._spec.items():
-            path = directory / f"{key}.npy"
-            if not path.is_file():
-                problems.append(f"{path.relative_to(self.root)}: missing; episode {episode_id!r} needs it")
-                continue
             try:
-                problem = _mismatch(_load_array(path), spec, entry["length"])
-            except ValueError as err:
-                problems.append(f"{path.relative_to(self.root)}: episode {episode_id!r}: {err}")
-                continue
-            if problem is not None:
-                problems.append(f"{path.relative_to(self.root)}: episode {episode_id!r}: {problem}")
+                open_array(self.root, entry["dir"], key, spec, entry["length"], entry.get("crc32", {}).get(key))
+            except (OSError, ValueError) as err:
+                problems.append(f"episodes/{entry['dir']}/{key}.npy: episode {episode_id!r}: {err}")
         return problems
+
+    def _leftovers(self) -> Iterator[tuple[Path, str, tuple[str, dict] | None]]:
+        """What a crash can leave that no index entry owns: ``(path, what it is, (id, entry) to adopt or None)``."""
+        for name in _TMP_FILES:
+            if (self.root / name).exists():
+                yield self.root / name, "temporary file left by an interrupted write", None
+        owned = {entry["dir"] for entry in self._index.values()}
+        episodes = self.root / "episodes"
+        for child in sorted(episodes.iterdir(), key=_dir_order) if episodes.is_dir() else []:
+            if child.name in owned:
+                continue
+            if DIR_NAME.fullmatch(child.name) and child.is_dir() and not child.is_symlink():
+                yield child, *self._orphan(child)
+            elif child.name.endswith(".tmp"):
+                yield child, "temporary directory left by an interrupted append", None
+            else:
+                yield child, "file that index.json does not name", None
+
+    def _orphan(self, directory: Path) -> tuple[str, tuple[str, dict] | None]:
+        """What an episode directory the index does not name is, and ``(id, entry)`` if it is to be re-indexed."""
+        record = _record(directory)
+        if record is None:
+            return "episode directory that index.json does not name, without a valid episode.json", None
+        episode_id, entry = record
+        if episode_id in self._index:
+            return (f"copy of episode {episode_id!r}, which index.json names in episodes/"
+                    f"{self._index[episode_id]['dir']} (an interrupted append, then rerun)"), None
+        problems = self._entry_problems(episode_id, entry)
+        if problems:
+            return f"episode {episode_id!r} that index.json does not name, with damaged files: {problems[0]}", None
+        return (f"complete episode {episode_id!r} that index.json does not name (an append interrupted before "
+                f"its index update, or an index.json restored from an older copy)"), (episode_id, entry)

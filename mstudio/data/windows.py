@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from mstudio.data.store import EpisodeStore
 from mstudio.actions import CAMERA_NULL
+from mstudio.data._checks import integer
+from mstudio.data.store import EpisodeStore
 
 __all__ = ["WindowDataset"]
 
@@ -31,19 +33,18 @@ class WindowDataset(torch.utils.data.Dataset):
 
     Args:
         store: an :class:`EpisodeStore`.
-        window: ``T``, steps per window.
-        episodes: the episode ids to use, in this order (default: all, in store order).
-        skip_frame: ``s`` above.
+        window: ``T``, steps per window (an integer >= 1).
+        episodes: the episode ids to use, in this order, each once (default: all, in store order).
+        skip_frame: ``s`` above (an integer >= 1).
     """
 
     def __init__(self, store: EpisodeStore, window: int, episodes: Sequence[str] | None = None, skip_frame: int = 1):
-        if window < 1 or skip_frame < 1:
-            raise ValueError(f"window and skip_frame must be >= 1, got {window} and {skip_frame}")
+        if not isinstance(store, EpisodeStore):
+            raise TypeError(f"store must be an EpisodeStore (open one with EpisodeStore.open(path)); got "
+                            f"{type(store).__name__} {store!r:.80}")
+        window, skip_frame = integer("window", window, 1), integer("skip_frame", skip_frame, 1)
         self.store, self.window, self.skip_frame = store, window, skip_frame
-        self.episodes = list(store.episode_ids if episodes is None else episodes)
-        missing = [e for e in self.episodes if e not in store]
-        if missing:
-            raise KeyError(f"episodes not in the store: {missing[:5]}")
+        self.episodes = _episode_list(store, episodes)
         steps = [math.ceil(store.length(e) / skip_frame) for e in self.episodes]
         #: windows per episode, and (episode position, window number) of every item
         self.windows_per_episode = [math.ceil(n / window) for n in steps]
@@ -54,7 +55,10 @@ class WindowDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | dict[str, torch.Tensor]]:
-        """Window ``index`` as a dict of tensors (layout in the class docstring)."""
+        """Window ``index`` (negative counts from the end) as a dict of tensors (layout in the class docstring)."""
+        index = integer("index", index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"window {index} is outside the dataset, which has {len(self)} windows")
         position, k = self.items[index]
         episode = self.episodes[position]
         T, s = self.window, self.skip_frame
@@ -77,3 +81,19 @@ class WindowDataset(torch.utils.data.Dataset):
             "mask": torch.from_numpy(mask),
             "episode_index": torch.tensor(position, dtype=torch.int64),
         }
+
+
+def _episode_list(store: EpisodeStore, episodes: Sequence[str] | None) -> list[str]:
+    """The episode ids to use: all of ``store``'s, or ``episodes`` checked (a sequence of known ids, none twice)."""
+    if episodes is None:
+        return store.episode_ids
+    if isinstance(episodes, str) or not isinstance(episodes, Sequence):
+        raise TypeError(f"episodes must be a sequence of episode ids (a list); got {type(episodes).__name__} "
+                        f"{episodes!r:.80}")
+    missing = [e for e in episodes if e not in store]
+    if missing:
+        raise KeyError(f"episodes not in the store: {missing[:5]}")
+    repeated = sorted(e for e, count in Counter(episodes).items() if count > 1)
+    if repeated:
+        raise ValueError(f"episodes must name each episode once; {repeated[:5]} appear twice or more")
+    return list(episodes)

@@ -88,5 +88,9 @@ def test_float_camera_quantizes_as_the_spec_table(counts, expected):
 def test_bad_input():
     with pytest.raises(ValueError, match="camera must be one of"):
         contractor_to_env([], camera="int")
-    with pytest.raises(ValueError, match="jsonl line 1 must be a JSON object"):
+    with pytest.raises(ValueError, match=r"lines\[1\]: must be a JSON object, got null"):
         contractor_to_env([line(), None])
+    with pytest.raises(ValueError, match=r"lines\[0\]: 'hotbar' must be an integer 0-8 or null, got 12"):
+        contractor_to_env([line(hotbar=12)])
+    with pytest.raises(TypeError, match="lines must be a sequence of parsed jsonl lines"):
+        contractor_to_env("{}")

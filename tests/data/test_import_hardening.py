@@ -66,8 +66,10 @@ BAD_LINES = {
     "hotbar float": (set_in(("hotbar",), 2.5), "'hotbar' must be an integer 0-8 or null, got 2.5"),
     "nested buttons": (set_in(("mouse", "buttons"), [[0]]), "'mouse.buttons' must be a list of integers or null, got [[0]]"),
     "keys not a list": (set_in(("keyboard", "keys"), 5), "'keyboard.keys' must be a list of strings or null, got 5"),
-    "dx NaN": (set_in(("mouse", "dx"), float("nan")), "'mouse.dx' must be a finite number or null, got NaN"),
-    "dy infinite": (set_in(("mouse", "dy"), float("-inf")), "'mouse.dy' must be a finite number or null, got -Infinity"),
+    "dx NaN": (set_in(("mouse", "dx"), float("nan")), "'mouse.dx' must be a finite number at most 1e+06 in size or "
+                                                      "null, got NaN"),
+    "dy infinite": (set_in(("mouse", "dy"), float("-inf")), "'mouse.dy' must be a finite number at most 1e+06 in size "
+                                                          "or null, got -Infinity"),
     "x a string": (set_in(("mouse", "x"), "left"), "'mouse.x' must be a finite number or null, got \"left\""),
     "gui a string": (set_in(("isGuiOpen",), "yes"), "'isGuiOpen' must be true or false or null, got \"yes\""),
     "mouse a list": (set_in(("mouse",), [1, 2]), "'mouse' must be an object or null, got [1, 2]"),
@@ -200,7 +202,7 @@ def test_cli_import_errors_come_before_the_store_is_made(raw, tmp_path, capsys):
 def test_cli_reports_skipped_segments(raw, tmp_path, capsys):
     s = stems(raw)
     edit_line(s[0], 1, set_in(("hotbar",), 12))
-    assert main(["import-vpt", str(raw), str(tmp_path / "store"), "--resolution", "32"]) == 0
+    assert main(["import-vpt", str(raw), str(tmp_path / "store"), "--resolution", "32"]) == 3
     out = capsys.readouterr().out
     assert "imported 3 episodes" in out and "1 files skipped" in out
     assert f"skipped {s[0]}.mp4: {s[0].name}.jsonl line 2: 'hotbar' must be an integer 0-8 or null, got 12" in out

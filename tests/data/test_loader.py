@@ -157,8 +157,11 @@ def test_bad_states_and_empty_epochs_are_refused(store):
             loader.load_state_dict(state)
     with pytest.raises(ValueError, match="past the end of epoch 0"):
         loader.load_state_dict({"epoch": 0, "batch": len(loader) + 1})
-    with pytest.raises(ValueError, match="no batches of 12 for epoch 0 .* smaller batch_size"):
-        next(iter(make_loader(store, 8, EpisodeContinuous(12))))
+    with pytest.raises(ValueError, match=r"EpisodeContinuous gives no batches of 12 for epoch 0: .* batch_size <= "
+                                         r"the episodes per rank"):
+        make_loader(store, 8, EpisodeContinuous(12))  # refused when made, not at the first batch
+    with pytest.raises(ValueError, match=r"no batches of 6 for epoch 0 on rank 1 of 2: .* 5 episodes and"):
+        make_loader(store, 8, EpisodeContinuous(6, num_replicas=2, rank=1))
 
 
 def test_the_old_call_still_works_and_says_what_to_write(store):

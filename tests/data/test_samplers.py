@@ -159,7 +159,7 @@ def test_bad_ranks_and_batch_sizes_are_refused():
             EpisodeContinuous(2, **kwargs)
         with pytest.raises(ValueError, match="rank"):
             RandomWindows(2, **kwargs)
-    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
         RandomWindows(0)
 
 

@@ -111,11 +111,11 @@ def test_reads_check_files_against_the_index(tmp_path):
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     index["a"]["length"] = 5  # claims more frames than the files hold
     (tmp_path / "s" / "index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=r"episodes/0/frames.npy does not match .*index.json for episode 'a': "
-                                         r"expected uint8 \(5, 2, 3, 3\); found uint8 \(3, 2, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"episodes/0/frames.npy: episode 'a': expected uint8 \(5, 2, 3, 3\) for "
+                                         r"the 5 frames index.json lists; found uint8 \(3, 2, 3, 3\)"):
         EpisodeStore.open(tmp_path / "s").read("a", 0, 2)
     np.save(tmp_path / "s" / "episodes" / "1" / "camera.npy", np.zeros(3, dtype=np.int64))
-    with pytest.raises(ValueError, match=r"camera.npy does not match .* expected uint8 \(3,\); found int64 \(3,\)"):
+    with pytest.raises(ValueError, match=r"camera.npy: episode 'b': expected uint8 \(3,\) .*; found int64 \(3,\)"):
         EpisodeStore.open(tmp_path / "s").read("b")
 
 
@@ -123,12 +123,12 @@ def test_a_garbage_npy_names_the_file_and_never_unpickles(tmp_path):
     store = EpisodeStore.create(tmp_path / "s", SIZE)
     store.append("a", tiny())
     (tmp_path / "s" / "episodes" / "0" / "flags.npy").write_bytes(b"garbage, not an array")
-    with pytest.raises(ValueError, match=r"episodes/0/flags.npy is not a .npy file") as caught:
+    with pytest.raises(ValueError, match=r"episodes/0/flags.npy: episode 'a': not a .npy file") as caught:
         EpisodeStore.open(tmp_path / "s").read("a")
     assert "pickled" not in str(caught.value)
     path = tmp_path / "s" / "episodes" / "0" / "buttons.npy"
     path.write_bytes(path.read_bytes()[:20])  # magic intact, header cut
-    with pytest.raises(ValueError, match=r"episodes/0/buttons.npy is a damaged .npy file"):
+    with pytest.raises(ValueError, match=r"episodes/0/buttons.npy: episode 'a': a damaged .npy file"):
         EpisodeStore.open(tmp_path / "s").read("a")
 
 
@@ -192,7 +192,7 @@ def test_verify_reports_and_repairs_leftovers_but_never_indexed_data(tmp_path):
     (tmp_path / "s" / "episodes" / "1" / "camera.npy").unlink()
     problems = store.verify()
     assert len(problems) == 4
-    assert any(p.startswith("episodes/1/camera.npy: missing; episode 'b'") for p in problems)
+    assert any(p.startswith("episodes/1/camera.npy: episode 'b': missing") for p in problems)
     assert any(p.startswith("episodes/.2.tmp: temporary directory") for p in problems)
     assert any(p.startswith("episodes/7: episode directory that index.json does not name") for p in problems)
     assert any(p.startswith(".index.json.tmp: temporary file") for p in problems)
@@ -211,7 +211,7 @@ def test_verify_reports_wrong_lengths_and_a_missing_episode_dir(tmp_path):
     np.save(tmp_path / "s" / "episodes" / "0" / "flags.npy", np.zeros(2, dtype=np.uint8))
     os.rename(tmp_path / "s" / "episodes" / "1", tmp_path / "s" / "elsewhere")
     assert store.verify(repair=True) == [
-        "episodes/0/flags.npy: episode 'a': expected uint8 (3,); found uint8 (2,)",
+        "episodes/0/flags.npy: episode 'a': expected uint8 (3,) for the 3 frames index.json lists; found uint8 (2,)",
         "episodes/1: missing; index.json lists episode 'b' (3 frames) there",
     ]
     assert (tmp_path / "s" / "elsewhere").is_dir()
@@ -230,7 +230,55 @@ def test_cli_store_verify(tmp_path, capsys):
     assert out.count("(removed)") == 3 and out.endswith("ok\n")
     (tmp_path / "t" / "s" / "episodes" / "1" / "frames.npy").unlink()
     assert main(["store-verify", str(tmp_path / "t" / "s"), "--repair"]) == 1
-    assert "episodes/1/frames.npy: missing" in capsys.readouterr().out
+    assert "episodes/1/frames.npy: episode 'b': missing" in capsys.readouterr().out
     (tmp_path / "s" / "index.json").write_text("[")
-    assert main(["store-verify", str(tmp_path / "s")]) == 1
+    assert main(["store-verify", str(tmp_path / "s")]) == 2
     assert "index.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_checksums_are_recorded_and_checked_on_first_read(tmp_path):
+    store = EpisodeStore.create(tmp_path / "s", SIZE)
+    store.append("a", tiny(3, 7))
+    entry = json.loads((tmp_path / "s" / "index.json").read_text())["a"]
+    record = json.loads((tmp_path / "s" / "episodes" / "0" / "episode.json").read_text())
+    assert sorted(entry["crc32"]) == sorted(tiny())
+    assert record == {"id": "a", "length": 3, "info": {}, "crc32": entry["crc32"]}
+    path = tmp_path / "s" / "episodes" / "0" / "frames.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[:-8] + bytes(8))  # damage after the write: the header and shape still look right
+    with pytest.raises(ValueError, match=r"episodes/0/frames.npy: episode 'a': checksum mismatch: index.json "
+                                         r"records crc32 [0-9a-f]{8}, the file's is [0-9a-f]{8}"):
+        EpisodeStore.open(tmp_path / "s").read("a", 0, 1)
+    unchecked = EpisodeStore.open(tmp_path / "s", checksums=False)  # the opt-out reads what is there
+    assert unchecked.read("a")["frames"][-1].ravel()[-8:].tolist() == [0] * 8
+    assert [p.split(": ")[0] for p in unchecked.verify()] == ["episodes/0/frames.npy"]  # verify always checks
+
+
+def test_a_store_written_before_checksums_still_opens_and_verifies(tmp_path, capsys):
+    store = EpisodeStore.create(tmp_path / "s", SIZE)
+    store.append("a", tiny(3, 1))
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({k: {f: e[f] for f in ("dir", "length", "info")}
+                                                           for k, e in index.items()}))
+    (tmp_path / "s" / "episodes" / "0" / "episode.json").unlink()
+    old = EpisodeStore.open(tmp_path / "s")
+    assert (old.read("a")["frames"] == 1).all() and old.verify() == [] and old.episodes_without_checksums() == ["a"]
+    old.append("b", tiny(2, 2))  # new episodes get checksums
+    assert EpisodeStore.open(tmp_path / "s").episodes_without_checksums() == ["a"]
+    assert main(["store-verify", str(tmp_path / "s")]) == 0
+    assert "info: no checksum recorded for 1 of 2 episodes" in capsys.readouterr().out
+
+
+def test_verify_repair_puts_back_an_episode_the_index_lost(tmp_path):
+    store = EpisodeStore.create(tmp_path / "s", SIZE)
+    store.append("a", tiny(3, 1))
+    store.append("b", tiny(2, 2))
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    (tmp_path / "s" / "index.json").write_text(json.dumps({"a": index["a"]}))  # e.g. restored from an old copy
+    store = EpisodeStore.open(tmp_path / "s")
+    store.append("c", tiny(1, 3))  # never reuses b's directory
+    assert store.verify() == ["episodes/1: complete episode 'b' that index.json does not name (an append "
+                              "interrupted before its index update, or an index.json restored from an older copy)"]
+    assert store.verify(repair=True)[0].endswith("(added to index.json)")
+    again = EpisodeStore.open(tmp_path / "s")
+    assert again.episode_ids == ["a", "c", "b"] and (again.read("b")["frames"] == 2).all() and again.verify() == []
