@@ -1,11 +1,15 @@
-"""The ``mstudio`` command: one function per subcommand."""
+"""The ``mstudio`` command: one function per subcommand.
+
+An error ends a command with one line on stderr (``mstudio <command>: error: ...``) and exit status 2;
+``mstudio --debug <command> ...`` raises it instead, with its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from mstudio.trainer import Trainer
@@ -39,21 +43,50 @@ def import_vpt(args: argparse.Namespace) -> int:
         if args.resolution < 1:
             raise ValueError(f"--resolution must be an integer >= 1, got {args.resolution}")
         discover(args.src)  # a missing or unreadable SRC fails here, before the store is created
-        store = (EpisodeStore.open(dest) if (dest / "manifest.json").exists()
-                 else EpisodeStore.create(dest, (args.resolution, args.resolution), meta={"source": str(args.src)}))
-        summary = run_import(args.src, store, resolution=args.resolution, camera=args.camera)
+        if not (dest / "manifest.json").exists():
+            try:
+                EpisodeStore.create(dest, (args.resolution, args.resolution), meta={"source": str(args.src)})
+            except FileExistsError:
+                if not (dest / "manifest.json").exists():  # not a store another import just made: say what is there
+                    raise
+        summary = run_import(args.src, EpisodeStore.open(dest), resolution=args.resolution, camera=args.camera)
     except (ValueError, OSError) as error:
         return _error("import-vpt", error)
     print(f"imported {len(summary.imported)} episodes ({summary.frames} frames); "
           f"{len(summary.already_present)} already in the store; {len(summary.skipped)} files skipped")
     for path, reason in summary.skipped:
         print(f"  skipped {path}: {reason}")
-    return 0
+    if summary.skipped and not summary.imported and not summary.already_present:
+        return _error("import-vpt", f"none of the {len(summary.skipped)} segments under {args.src} could be "
+                                    f"imported: each was skipped, for the reason printed above")
+    return 3 if summary.skipped else 0  # 3: finished, some inputs skipped (see main's import-vpt help)
 
 
-def _error(command: str, message: Any) -> int:
-    print(f"mstudio {command}: error: {message}", file=sys.stderr)
-    return 2
+class _Failed(Exception):
+    """A subcommand's error (``args = (command, error)``): :func:`main` prints it as one line and exits 2."""
+
+
+def _error(command: str, error: BaseException | str) -> NoReturn:
+    """End ``command`` with ``error``: one line on stderr and exit status 2 (re-raised with ``--debug``)."""
+    raise _Failed(command, error)
+
+
+def _one_line(error: BaseException | str) -> str:
+    """The error's message on one line; errors of unexpected types keep their type name."""
+    text = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if isinstance(error, (ValueError, OSError)):  # ConfigError, FileNotFoundError, ...: the message says it all
+        return text or type(error).__name__
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {text} (mstudio --debug shows the traceback)"
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (exit status 2), as every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _flag(dest: str) -> str:
@@ -100,12 +133,7 @@ def _fmt(value: float | None) -> str:
 
 def train(args: argparse.Namespace) -> int:
     """Train a policy (defaults: VPT tiny, behaviour cloning, a built-in synthetic store under ./runs/)."""
-    from mstudio.trainer import ConfigError
-
-    try:
-        trainer = _make_trainer(args)
-    except (ConfigError, FileNotFoundError) as error:
-        return _error("train", error)
+    trainer = _make_trainer(args)
     print(f"run directory: {trainer.run_dir}", flush=True)
     try:
         result = trainer.fit()
@@ -121,14 +149,10 @@ def train(args: argparse.Namespace) -> int:
 
 def eval_checkpoint(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint (or a run's newest one) on an episode store; prints the mean metrics."""
-    from mstudio.trainer import ConfigError
     from mstudio.trainer.evaluate import evaluate_checkpoint, resolve_checkpoint
 
-    try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        metrics = evaluate_checkpoint(checkpoint, args.data, batches=args.batches)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        return _error("eval", error)
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    metrics = evaluate_checkpoint(checkpoint, args.data, batches=args.batches)
     print(f"checkpoint {checkpoint} on {args.data}:")
     for key, value in metrics.items():
         print(f"{key} = {value!r}")
@@ -136,9 +160,12 @@ def eval_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return value
 
 
@@ -164,7 +191,8 @@ def _add_eval(commands: Any) -> None:
 
 
 def store_verify(args: argparse.Namespace) -> int:
-    """Check an episode store for what a crash can leave; --repair removes the leftovers (exit 1 if problems remain)."""
+    """Check an episode store's files and checksums and what a crash can leave; --repair fixes the leftovers
+    (exit 1 if problems remain, 2 if the store cannot be opened)."""
     from mstudio.data import EpisodeStore
 
     try:
@@ -172,19 +200,25 @@ def store_verify(args: argparse.Namespace) -> int:
         problems = store.verify(repair=args.repair)
         remaining = store.verify() if args.repair else problems
     except (OSError, ValueError) as error:
-        print(f"mstudio store-verify: error: {error}", file=sys.stderr)
-        return 1
+        return _error("store-verify", error)
     for problem in problems:
         print(problem)
+    unchecked = store.episodes_without_checksums()
+    if unchecked:  # a store written before checksums: not a problem, but say what could not be checked
+        print(f"info: no checksum recorded for {len(unchecked)} of {len(store)} episodes (written before mstudio "
+              f"recorded checksums; their files were checked for dtype and shape only): "
+              f"{', '.join(map(repr, unchecked[:5]))}{', ...' if len(unchecked) > 5 else ''}")
     if not remaining:
         print("ok")
     return 1 if remaining else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``mstudio`` command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    parser = argparse.ArgumentParser(prog="mstudio", description="Functional offline training for Minecraft agents.")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _parser() -> argparse.ArgumentParser:
+    """The ``mstudio`` command line: ``--debug``, then one subcommand and its arguments."""
+    parser = _Parser(prog="mstudio", description="Functional offline training for Minecraft agents.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, raise it with its traceback instead of printing one line")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser("synth", help=synth.__doc__)
     p.add_argument("dest", help="output directory")
@@ -193,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=synth)
 
-    p = commands.add_parser("import-vpt", help=import_vpt.__doc__)
+    p = commands.add_parser("import-vpt", help=import_vpt.__doc__, description=f"{import_vpt.__doc__} Exit status: 0 "
+                            "when every input was imported (or already present), 3 when the import finished but "
+                            "skipped some inputs (each is listed with why), 2 on an error or when every input was "
+                            "skipped.")
     p.add_argument("src", help="a directory of <version>/<stem>.{mp4,jsonl}, or a VPT index JSON")
     p.add_argument("store", help="episode store directory")
     p.add_argument("--resolution", type=int, default=128)
@@ -204,10 +241,33 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(commands)
     p = commands.add_parser("store-verify", help=store_verify.__doc__, description=store_verify.__doc__)
     p.add_argument("store", metavar="STORE", help="episode store directory")
-    p.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes (never indexed data)")
+    p.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes and re-index complete "
+                   "episodes the index lost (never touches indexed data)")
     p.set_defaults(run=store_verify)
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``mstudio`` command on ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    An error is printed as one line with exit status 2; with ``--debug`` it is raised, traceback and all.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return args.run(args)
+    except _Failed as failure:  # a command's own error report (see _error)
+        command, error = failure.args
+        if isinstance(error, str):  # a message only: it gets the report's traceback, for --debug
+            error = ValueError(error).with_traceback(failure.__traceback__)
+    except Exception as caught:  # every other error a command meets ends it the same way
+        command, error = args.command, caught
+    if args.debug:
+        raise error  # outside the except blocks: the traceback is the error's own, without _Failed around it
+    print(f"mstudio {command}: error: {_one_line(error)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ def policy_config(policy: VPTPolicy) -> dict:
 def open_store(config: DataConfig, image_shape: tuple[int, int, int], out: str) -> EpisodeStore:
     """``config.store``, or the built-in synthetic store under ``<out>/.synthetic-<H>x<W>`` (made once)."""
     if config.store is not None:
-        store = EpisodeStore.open(config.store)
+        try:
+            store = EpisodeStore.open(config.store)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"data.store: {error}") from error
     else:
         path = Path(out) / f".synthetic-{image_shape[0]}x{image_shape[1]}"
         if (path / "manifest.json").exists():
@@ -68,13 +71,19 @@ def build_sampler(config: DataConfig, seed: int, *, shuffle: bool = True) -> Sam
 def build_loaders(config: DataConfig, store: EpisodeStore, seed: int) -> tuple[Loader, Loader | None]:
     """The train loader over all but the last ``val_episodes`` episodes, and a validation loader over those."""
     episodes = store.episode_ids
-    held_out = config.val_episodes if len(episodes) > config.val_episodes else 0
+    if not episodes:
+        raise ConfigError(f"data.store: {store.root} holds no episodes")
+    if config.val_episodes >= len(episodes):
+        raise ConfigError(f"data.val_episodes: holding out {config.val_episodes} of the store's {len(episodes)} "
+                          "episodes leaves none to train on; hold out fewer (0: no validation)")
+    held_out = config.val_episodes
     train_ids, val_ids = episodes[: len(episodes) - held_out], episodes[len(episodes) - held_out:]
     train = Loader(WindowDataset(store, config.window, train_ids, skip_frame=config.skip_frame),
                    build_sampler(config, seed), num_workers=config.num_workers)
     if len(train) == 0:
-        raise ConfigError(f"data: {len(train_ids)} training episodes make no batch of batch_size "
-                          f"{config.batch_size} with sampler {config.sampler!r}; use more episodes or fewer rows")
+        raise ConfigError(f"data: {len(train_ids)} training episodes (windows of {config.window} steps) make no "
+                          f"batch of batch_size {config.batch_size} with sampler {config.sampler!r}; use more "
+                          "episodes or fewer rows")
     if not val_ids:
         return train, None
     val = Loader(WindowDataset(store, config.window, val_ids, skip_frame=config.skip_frame),

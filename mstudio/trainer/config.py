@@ -14,12 +14,16 @@ cloning on a built-in synthetic store)::
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from mstudio._names import unknown_names
+from mstudio.models.vpt.config import VPTConfig
 
 __all__ = ["OBJECTIVES", "ConfigError", "DataConfig", "OptimizerConfig", "PolicyConfig", "RunConfig", "TrainConfig",
            "config_from_dict", "load_config", "read_config_table"]
@@ -144,13 +148,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _check_known(names: Any, known: Any, what: str) -> None:
+    """``ConfigError`` naming the names not in ``known`` (each with the close known name, if any)."""
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ConfigError(f"{what} {unknown_names(unknown, known)}; allowed: {sorted(known)}")
+
+
 def _build(cls: type, table: Any, where: str) -> Any:
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: expected a table, got {type(table).__name__} {table!r}")
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(table) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(hints)}")
+    _check_known(table, hints, f"{where}: unknown key(s)")
     return cls(**{key: _coerce(value, hints[key], f"{where}.{key}") for key, value in table.items()})
 
 
@@ -159,9 +168,11 @@ def _check(condition: bool, where: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{where}: must be {allowed}, got {value!r}")
 
 
-def _validate(config: TrainConfig) -> None:
-    from mstudio.models.vpt.config import VPTConfig  # the preset names live with the presets
+def _is_directory_name(name: str) -> bool:
+    return name not in ("", ".", "..") and "/" not in name and os.sep not in name
 
+
+def _validate(config: TrainConfig) -> None:
     data, run, opt = config.data, config.run, config.optimizer
     for where, value in (("data.window", data.window), ("data.batch_size", data.batch_size),
                          ("data.skip_frame", data.skip_frame), ("run.max_steps", run.max_steps),
@@ -179,12 +190,23 @@ def _validate(config: TrainConfig) -> None:
     _check(0 <= opt.weight_decay < float("inf"), "optimizer.weight_decay", "a finite number >= 0", opt.weight_decay)
     _check(opt.clip_norm is None or opt.clip_norm > 0, "optimizer.clip_norm", "a number > 0", opt.clip_norm)
     _check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "two numbers in [0, 1)", list(opt.betas))
-    _check(opt.eps > 0, "optimizer.eps", "a number > 0", opt.eps)
+    _check(0 < opt.eps < float("inf"), "optimizer.eps", "a finite number > 0", opt.eps)
     _check(run.ema_decay is None or 0 <= run.ema_decay < 1, "run.ema_decay", "a number in [0, 1)", run.ema_decay)
-    _check(bool(config.objectives), "objectives", f"at least one of {list(OBJECTIVES)}", config.objectives)
-    for name, weight in config.objectives.items():
-        _check(name in OBJECTIVES, f"objectives.{name}", f"one of {list(OBJECTIVES)}", name)
-        _check(weight >= 0 and weight != float("inf"), f"objectives.{name}", "a finite weight >= 0", weight)
+    _check(run.seed < 2**64, "run.seed", "an integer >= 0 and < 2**64 (torch.manual_seed's range)", run.seed)
+    _check(run.name is None or _is_directory_name(run.name), "run.name",
+           "a directory name (not empty, no '/', not '.' or '..')", run.name)
+    for where, path in (("run.out", run.out), ("data.store", data.store), ("policy.weights", config.policy.weights)):
+        _check(path != "", where, "a non-empty path", path)
+    _validate_objectives(config.objectives)
+
+
+def _validate_objectives(objectives: dict[str, float]) -> None:
+    _check(bool(objectives), "objectives", f"at least one of {list(OBJECTIVES)}", objectives)
+    _check_known(objectives, OBJECTIVES, "objectives: unknown objective(s)")
+    for name, weight in objectives.items():
+        _check(0 <= weight < float("inf"), f"objectives.{name}", "a finite weight >= 0", weight)
+    _check(any(weight > 0 for weight in objectives.values()), "objectives",
+           "at least one weight > 0 (with all weights 0 nothing is learned)", objectives)
 
 
 def config_from_dict(table: Mapping[str, Any]) -> TrainConfig:
@@ -196,9 +218,7 @@ def config_from_dict(table: Mapping[str, Any]) -> TrainConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"a config must be a table, got {type(table).__name__}")
     parts = {"data": DataConfig, "policy": PolicyConfig, "optimizer": OptimizerConfig, "run": RunConfig}
-    unknown = sorted(set(table) - {*parts, "objectives"})
-    if unknown:
-        raise ConfigError(f"unknown table(s) {unknown}; allowed: {sorted([*parts, 'objectives'])}")
+    _check_known(table, [*parts, "objectives"], "unknown table(s)")
     built = {name: _build(cls, table.get(name, {}), name) for name, cls in parts.items()}
     objectives = table.get("objectives", {"behavior_clone": 1.0})
     if not isinstance(objectives, Mapping):

@@ -83,14 +83,18 @@ def evaluate_checkpoint(path: str | os.PathLike[str], store: str | os.PathLike[s
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``, or no store at ``store``.
-        ValueError: ``batches < 1``, the checkpoint does not fit its config, the store's frames do not match
-            the policy, or the store makes no batch.
+        ValueError: ``batches < 1``, the checkpoint is corrupt or lacks its config, does not fit its config, the
+            store's frames do not match the policy, or the store makes no batch.
         ConfigError: the stored config is invalid (e.g. its ``policy.weights`` folder is gone).
     """
     if batches is not None and batches < 1:
         raise ValueError(f"batches must be >= 1 or None (a whole epoch), got {batches!r}")
     checkpoint = resolve_checkpoint(path)
-    config = config_from_dict(read_checkpoint_meta(checkpoint)["config"])
+    meta = read_checkpoint_meta(checkpoint)
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{checkpoint / 'meta.json'} has no 'config' object in its meta, so the policy to evaluate "
+                         "is unknown: evaluate a checkpoint the Trainer wrote")
+    config = config_from_dict(meta["config"])
     store = store if isinstance(store, EpisodeStore) else EpisodeStore.open(store)
     # Building the policy reseeds the global RNG and each DataLoader iteration draws from it: keep the caller's.
     with torch.random.fork_rng(devices=[]):

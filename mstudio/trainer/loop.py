@@ -18,7 +18,14 @@ from tqdm.auto import tqdm
 from mstudio.train import init_state, make_train_step
 from mstudio.train.evaluate import evaluate
 from mstudio.trainer import build
-from mstudio.trainer.checkpoint import export_policy, latest_checkpoint, load_checkpoint, save_checkpoint
+from mstudio.trainer.checkpoint import (
+    atomic_path,
+    export_policy,
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from mstudio.trainer.config import ConfigError, TrainConfig, config_from_dict, read_config_table
 from mstudio.trainer.tensorboard import MetricWriter
 from mstudio.trainer.toml import dump_toml
@@ -31,6 +38,28 @@ def _to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     names = list(metrics)
     values = torch.stack([metrics[n].detach().float().reshape(()) for n in names]).tolist()
     return dict(zip(names, values))
+
+
+# What a resumed run may change: how long it runs, and where its directory now is.
+_MAY_CHANGE_ON_RESUME = {("run", "max_steps"), ("run", "out"), ("run", "name")}
+
+
+def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"section.key: <saved> -> <current>"`` for every setting that differs (both as ``TrainConfig.to_dict``)."""
+    changes = []
+    for section in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(section, {}), current.get(section, {})
+        for key in sorted(old.keys() | new.keys()):
+            if (section, key) not in _MAY_CHANGE_ON_RESUME and old.get(key) != new.get(key):
+                changes.append(f"{section}.{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
+
+
+def _check_out(run_dir: Path) -> None:
+    """``ConfigError`` when ``run.out`` or the run directory exists but is not a directory."""
+    for path, key in ((run_dir.parent, "run.out"), (run_dir, "run.name")):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{key}: {path} exists and is not a directory; choose another {key}")
 
 
 def _fresh_run_name(out: Path) -> str:
@@ -53,15 +82,23 @@ class Trainer:
         config: the run.
         resume: continue the run in its directory from its newest checkpoint (its config is the one given,
             normally read back from the run's ``config.toml``; only ``run.max_steps`` may differ).
+
+    Raises:
+        ConfigError: a setting cannot run (``run.out`` is a file, the store is missing or makes no batch, ...), or
+            a resumed run's config differs from its checkpoint's; checked before anything is built or written.
+        FileNotFoundError: ``resume`` and the run has no checkpoint.
+        ValueError: ``resume`` and the newest checkpoint is corrupt (its message names the file).
     """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False):
         self.config = config
         run = config.run
         self.run_dir = Path(run.out) / (run.name or _fresh_run_name(Path(run.out)))
+        _check_out(self.run_dir)
         if not resume and latest_checkpoint(self.run_dir) is not None:
             raise ConfigError(f"run.name: {self.run_dir} already holds checkpoints; resume it (--resume "
                               f"{self.run_dir}) or choose another run name")
+        checkpoint = self._resumable_checkpoint() if resume else None  # checked before anything is built
         self.policy = build.build_policy(config.policy, run.seed)
         store = build.open_store(config.data, self.policy.config.img_shape, run.out)
         self.loader, self.val_loader = build.build_loaders(config.data, store, run.seed)
@@ -71,8 +108,8 @@ class Trainer:
                                 ema=run.ema_decay is not None)
         self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
                                     ema_decay=run.ema_decay)
-        if resume:
-            self._restore()
+        if checkpoint is not None:
+            self._restore(checkpoint)
         self._batch_stream = self._batches()  # one stream for every train() call, so calls continue it
         # The loader position that goes with self.state: the loader counts a batch as soon as it hands it out,
         # which is before the step that consumes it has finished (an interrupt may fall in between).
@@ -94,14 +131,38 @@ class Trainer:
     def _checkpoint_tree(self) -> dict[str, Any]:
         return {"state": self.state, "rng": torch.get_rng_state()}
 
-    def _restore(self) -> None:
+    def _resumable_checkpoint(self) -> Path:
+        """The run's newest checkpoint, after checking that its meta holds a loader position and this config.
+
+        Raises:
+            FileNotFoundError: the run has no checkpoint.
+            ValueError: its ``meta.json`` is corrupt or lacks what the Trainer writes.
+            ConfigError: the checkpoint was written with other settings (only ``run.max_steps`` may change).
+        """
         path = latest_checkpoint(self.run_dir)
         if path is None:
-            raise FileNotFoundError(f"{self.run_dir} has no checkpoint to resume from")
+            raise FileNotFoundError(f"{self.run_dir} has no checkpoint to resume from (the run stopped before its "
+                                    "first one); start it again without --resume")
+        meta = read_checkpoint_meta(path)
+        for key in ("loader", "config"):
+            if not isinstance(meta.get(key), dict):
+                raise ValueError(f"{path / 'meta.json'} has no {key!r} object in its meta: it was not written by "
+                                 "the Trainer, or is corrupt")
+        changes = _config_changes(meta["config"], self.config.to_dict())
+        if changes:
+            raise ConfigError(f"the run's config differs from the one its checkpoint {path} was written with "
+                              f"(checkpoint -> now): {'; '.join(changes)}; only run.max_steps may change on resume")
+        return path
+
+    def _restore(self, path: Path) -> None:
         tree, meta = load_checkpoint(path, self._checkpoint_tree())
+        try:
+            self.loader.load_state_dict(meta["loader"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{path / 'meta.json'}: its 'loader' position does not fit this run's loader: "
+                             f"{error}") from None
         self.state = tree["state"]
         torch.set_rng_state(tree["rng"])
-        self.loader.load_state_dict(meta["loader"])
         print(f"resumed {self.run_dir} at step {int(self.state.step)} from {path}")
 
     def _save(self) -> Path:
@@ -130,7 +191,9 @@ class Trainer:
             ``{"run_dir", "steps", "seconds", "first_loss", "last_loss", "val"}`` (losses as logged).
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.toml").write_text(dump_toml(self.config.to_dict()))
+        # Atomically: a kill while a resumed run rewrites it must not leave the run without its config.
+        with atomic_path(self.run_dir / "config.toml") as tmp:
+            tmp.write_text(dump_toml(self.config.to_dict()))
         step, start = int(self.state.step), time.perf_counter()
         # a resumed run replaces whatever the killed one logged after its checkpoint
         writer = MetricWriter(self.run_dir, purge_step=step + 1 if step else None)

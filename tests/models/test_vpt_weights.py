@@ -112,7 +112,7 @@ def test_from_pretrained_never_downloads(tmp_path):
     ({"impala_kwargs": {"post_pool_groups": 1, "stride": 2}}, "unknown impala_kwargs \\['stride'\\]"),
     ({"img_statistics": "stats.npz"}, "img_statistics"),
     ({"attention_memory_size": 4}, "must exceed timesteps"),
-    ({"hidsze": 64}, "unknown policy_kwargs \\['hidsze'\\]"),
+    ({"hidsze": 64}, "unknown policy_kwargs 'hidsze' \\(did you mean 'hidsize'\\?\\)"),
 ])
 def test_unsupported_policy_kwargs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

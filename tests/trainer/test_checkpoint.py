@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, atomic publish under SIGKILL, pruning, template checks, no unpickling."""
 
+import hashlib
 import json
 import os
 import shlex
@@ -95,8 +96,10 @@ def test_meta_json_describes_every_leaf_in_flatten_order(tmp_path):
     state = make_state()
     header = json.loads((save_checkpoint(tmp_path, 3, state, {"a": 1}) / "meta.json").read_text())
     assert {k: header[k] for k in ("format", "version", "step", "mstudio_version", "meta")} == {
-        "format": "mstudio-checkpoint", "version": 1, "step": 3, "mstudio_version": "0.1.0", "meta": {"a": 1},
+        "format": "mstudio-checkpoint", "version": 2, "step": 3, "mstudio_version": "0.1.0", "meta": {"a": 1},
     }
+    state_file = tmp_path / "checkpoints" / "step_3" / "state.safetensors"
+    assert header["state_sha256"] == hashlib.sha256(state_file.read_bytes()).hexdigest()
     paths = [leaf["path"] for leaf in header["leaves"]]
     assert len(paths) == len(optree.tree_leaves(state, none_is_leaf=True))
     assert paths[0] == "params/net.fc.bias"  # optree sorts dict keys
@@ -273,10 +276,11 @@ def test_missing_files_raise_file_not_found(tmp_path):
 @pytest.mark.parametrize(
     ("header", "match"),
     [
-        ('{"format": "mstudio-checkpoint", "version": 1, "le', "not valid JSON"),
-        ('{"format": "something-else", "version": 1}', "format is 'something-else'"),
-        ('{"format": "mstudio-checkpoint", "version": 2, "mstudio_version": "9.0"}', "version 2"),
-        ('{"format": "mstudio-checkpoint", "version": 1, "leaves": {}, "meta": {}}', "corrupt"),
+        ('{"format": "mstudio-checkpoint", "version": 2, "le', "not valid JSON"),
+        ('{"format": "something-else", "version": 2}', "format is 'something-else'"),
+        ('{"format": "mstudio-checkpoint", "version": 3, "mstudio_version": "9.0"}', r"version 3 .* reads versions \[1, 2\]"),
+        ('{"format": "mstudio-checkpoint", "version": 1}', "'leaves' must be"),
+        ('{"format": "mstudio-checkpoint", "version": 2, "leaves": {}, "meta": {}}', "'leaves' must be .* corrupt"),
     ],
 )
 def test_bad_meta_json_raises_value_error(tmp_path, header, match):
@@ -355,3 +359,14 @@ def test_a_failed_write_leaves_no_debris(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 2, make_state(), {})
     assert tmp_dirs(tmp_path) == [] and checkpoint._IN_FLIGHT == set()
     assert list_checkpoints(tmp_path) == [first]
+
+
+def test_a_version_1_checkpoint_without_a_digest_still_loads(tmp_path):
+    path = save_checkpoint(tmp_path, 3, make_state(0), {"a": 1})
+    header = json.loads((path / "meta.json").read_text())
+    del header["state_sha256"]
+    header["version"] = 1
+    (path / "meta.json").write_text(json.dumps(header))
+    state, meta = load_checkpoint(path, make_state(1))
+    assert meta == {"a": 1}
+    assert_bitwise_equal(state, make_state(0))

@@ -152,7 +152,7 @@ BAD_COMMANDS = [
     (["--out", "{tmp}/out", "--config", "{tmp}/missing.toml"], {}, "config file .*missing.toml does not exist"),
     (["--out", "{tmp}/out", "--config", "{tmp}/bad.toml"], {"bad.toml": "[run\n"}, "bad.toml is not valid TOML"),
     (["--out", "{tmp}/out", "--config", "{tmp}/key.toml"], {"key.toml": "[run]\nmax_step = 3\n"},
-     r"run: unknown key\(s\) \['max_step'\]"),
+     r"run: unknown key\(s\) 'max_step' \(did you mean 'max_steps'\?\)"),
     (["--out", "{tmp}/out", "--max-steps", "0"], {}, "run.max_steps: must be an integer >= 1, got 0"),
     (["--out", "{tmp}/out", "--ckpt-every", "-1"], {}, "run.ckpt_every: must be an integer >= 0, got -1"),
     (["--resume", "{tmp}/out/x", "--seed", "1", "--no-compile"], {}, "only --max-steps .* got --seed, --no-compile"),

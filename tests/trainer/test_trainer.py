@@ -128,7 +128,7 @@ BAD_CONFIGS = [
     ({"policy": {"preset": "4x"}}, ["policy.preset", "'tiny'", "'2x'", "'4x'"]),
     ({"optimizer": {"lr": -1}}, ["optimizer.lr", ">= 0", "-1"]),
     ({"run": {"ema_decay": 1.0}}, ["run.ema_decay", "[0, 1)", "1.0"]),
-    ({"objectives": {"foo": 1.0}}, ["objectives.foo", "'behavior_clone'", "'kl_gaussian'", "'foo'"]),
+    ({"objectives": {"foo": 1.0}}, ["objectives", "'behavior_clone'", "'kl_gaussian'", "'foo'"]),
 ]
 
 

@@ -12,10 +12,14 @@ OpenAI's published VPT models (``foundation-model-1x/2x/3x.model``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
+
+from mstudio._names import unknown_names
 
 __all__ = ["VPTConfig", "vpt_configs"]
 
@@ -31,8 +35,10 @@ class VPTConfig:
     (:meth:`from_policy_kwargs`), or field by field; every way is checked by the same rules.
 
     Raises:
-        ValueError: when ``img_shape`` is not ``(height, width, 3)``, when ``attention_memory_size`` does not
-            exceed ``timesteps``, or when ``hidsize`` is not divisible by ``attention_heads``.
+        ValueError: naming the field, what it must be and what came: a field of the wrong type (a ``str``,
+            ``float`` or ``bool`` for an int, anything but a ``bool`` for a flag), a size below 1, an ``img_shape``
+            that is not ``(height, width, 3)``, an ``attention_memory_size`` not above ``timesteps``, a ``hidsize``
+            that ``attention_heads`` does not divide, or GroupNorm groups that do not divide the channels.
     """
 
     hidsize: int = 512
@@ -74,10 +80,24 @@ class VPTConfig:
 
     def __post_init__(self) -> None:
         # JSON gives lists; tuples keep the config hashable and equal to its presets.
-        object.__setattr__(self, "img_shape", tuple(int(s) for s in self.img_shape))
-        object.__setattr__(self, "impala_chans", tuple(self.impala_chans))
-        if len(self.img_shape) != 3 or self.img_shape[2] != 3:
-            raise ValueError(f"VPTConfig: img_shape must be (height, width, 3), got {self.img_shape}")
+        object.__setattr__(self, "img_shape", _img_shape(self.img_shape))
+        object.__setattr__(self, "impala_chans", _positive_ints("impala_chans", self.impala_chans))
+        for name in _POSITIVE_INTS:
+            object.__setattr__(self, name, _positive_int(name, getattr(self, name)))
+        for name in ("conv_groups", "post_pool_groups"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else _positive_int(name, value, "None or an int"))
+        for name in _BOOLS:
+            _check(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
+        width = self.impala_width
+        _check(isinstance(width, Real) and not isinstance(width, bool) and 0 < width < math.inf, "impala_width",
+               "a finite number > 0", width)
+        _check(min(self.chans) >= 1, "impala_width", f"large enough that every stack of impala_width * impala_chans "
+               f"{self.impala_chans} has a channel (got channels {self.chans})", width)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """The rules between fields: memory beyond the chunk, heads dividing the width, groups the channels."""
         if self.maxlen <= 0:
             raise ValueError(
                 f"VPTConfig: attention_memory_size ({self.attention_memory_size}) must exceed timesteps "
@@ -87,6 +107,14 @@ class VPTConfig:
             raise ValueError(
                 f"VPTConfig: hidsize {self.hidsize} is not divisible by attention_heads {self.attention_heads}"
             )
+        # GroupNorm needs its groups to divide the channels it normalises: every stack's (and the image's 3
+        # when the first convolution is normed too).
+        normed = {"conv_groups": self.chans + ((3,) if self.first_conv_norm else ()), "post_pool_groups": self.chans}
+        for name, channels in normed.items():
+            groups = getattr(self, name)
+            if groups is not None and any(c % groups for c in channels):
+                raise ValueError(f"VPTConfig: {name} {groups} must divide the channels of every convolution it "
+                                 f"normalises {channels}")
 
     @property
     def maxlen(self) -> int:
@@ -112,10 +140,9 @@ class VPTConfig:
         Raises:
             ValueError: for an unknown name, listing the known ones.
         """
-        try:
-            return _PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown VPT preset {name!r}; known presets: {list(_PRESETS)}") from None
+        if name not in _PRESETS:
+            raise ValueError(_unknown_preset(name))
+        return _PRESETS[name]
 
     @classmethod
     def preset_names(cls) -> tuple[str, ...]:
@@ -131,19 +158,26 @@ class VPTConfig:
                 ``img_shape`` and ``timesteps`` are required; keys MineStudio ignores are ignored.
 
         Raises:
-            ValueError: for an unknown name, or a value this port does not implement (LSTM recurrence, BatchNorm,
-                image statistics files, ...), naming the argument and the accepted values.
+            ValueError: for an unknown name (suggesting the close one), a missing ``img_shape`` or ``timesteps``, a
+                value of the wrong type, or a value this port does not implement (LSTM recurrence, BatchNorm, image
+                statistics files, ...), naming the argument and the accepted values.
         """
         kwargs = {k: v for k, v in policy_kwargs.items() if k not in _IGNORED}
+        known = {*_PLAIN_FIELDS, *_FIXED_CHOICES, *_IGNORED, "init_norm_kwargs", "impala_kwargs", "img_statistics",
+                 "single_output"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"VPTConfig: unknown policy_kwargs {unknown_names(unknown, known)}; "
+                             f"accepted: {sorted(known)}")
+        missing = [name for name in _REQUIRED if kwargs.get(name) is None]
+        if missing:
+            raise ValueError(f"VPTConfig: policy_kwargs lacks the required {', '.join(missing)} (img_shape: "
+                             "(height, width, 3) of the frames; the transformer memory is attention_memory_size - "
+                             "timesteps)")
         _check_fixed_choices(kwargs)
         conv_groups = _parse_init_norm_kwargs(kwargs.pop("init_norm_kwargs", None))
         post_pool_groups = _parse_impala_kwargs(kwargs.pop("impala_kwargs", None))
-        fields = _take_plain_fields(kwargs)
-        if kwargs:
-            known = {*_PLAIN_FIELDS, *_FIXED_CHOICES, *_IGNORED, "img_shape", "timesteps", "init_norm_kwargs",
-                     "impala_kwargs", "img_statistics", "single_output"}
-            raise ValueError(f"VPTConfig: unknown policy_kwargs {sorted(kwargs)}; accepted: {sorted(known)}")
-        return cls(conv_groups=conv_groups, post_pool_groups=post_pool_groups, **fields)
+        return cls(conv_groups=conv_groups, post_pool_groups=post_pool_groups, **kwargs)
 
     def to_policy_kwargs(self) -> dict[str, Any]:
         """MineStudio's ``policy_kwargs`` for this config, every architecture argument explicit (no reliance on
@@ -160,18 +194,52 @@ class VPTConfig:
 _FIXED_CHOICES = {"recurrence_type": "transformer", "attention_mask_style": "clipped_causal"}
 
 
-def _as_given(value: Any) -> Any:
-    return value
+# policy_kwargs that are VPTConfig fields of the same name (checked by VPTConfig itself).
+_PLAIN_FIELDS = (
+    "hidsize", "img_shape", "timesteps", "impala_width", "impala_chans", "first_conv_norm", "scale_input_img",
+    "attention_heads", "attention_memory_size", "n_recurrence_layers", "use_pointwise_layer", "pointwise_ratio",
+    "pointwise_use_activation", "recurrence_is_residual", "use_pre_lstm_ln",
+)
+# MineStudio has no default for these.
+_REQUIRED = ("img_shape", "timesteps")
+_POSITIVE_INTS = ("hidsize", "attention_heads", "attention_memory_size", "timesteps", "n_recurrence_layers",
+                  "pointwise_ratio")
+_BOOLS = ("first_conv_norm", "scale_input_img", "use_pointwise_layer", "pointwise_use_activation",
+          "recurrence_is_residual", "use_pre_lstm_ln")
 
 
-# policy_kwargs copied to the field of the same name, with the conversion applied; absent ones keep the default.
-# impala_width stays as given: MineStudio allows fractional widths (channels are int(width * chans)).
-_PLAIN_FIELDS: dict[str, Callable[[Any], Any]] = {
-    "hidsize": int, "impala_width": _as_given, "impala_chans": tuple, "first_conv_norm": bool,
-    "scale_input_img": bool, "attention_heads": int, "attention_memory_size": int, "n_recurrence_layers": int,
-    "use_pointwise_layer": bool, "pointwise_ratio": _as_given, "pointwise_use_activation": bool,
-    "recurrence_is_residual": bool, "use_pre_lstm_ln": bool,
-}
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: sequences as tuples (JSON gives lists), with the type for scalars."""
+    if isinstance(value, (list, tuple)):
+        return str(tuple(value))
+    return repr(value) if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _check(condition: bool, name: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ValueError(f"VPTConfig: {name} must be {expected}, got {_shown(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: Any, expected: str = "an int") -> int:
+    _check(_is_int(value) and value >= 1, name, f"{expected} >= 1", value)
+    return int(value)
+
+
+def _positive_ints(name: str, value: Any) -> tuple[int, ...]:
+    ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_int(v) and v >= 1 for v in value)
+    _check(ok, name, "a non-empty sequence of ints >= 1", value)
+    return tuple(int(v) for v in value)
+
+
+def _img_shape(value: Any) -> tuple[int, int, int]:
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)
+          and value[2] == 3)
+    _check(ok, "img_shape", "(height, width, 3) with integer height and width >= 1", value)
+    return tuple(int(v) for v in value)
 
 
 def _require(name: str, value: Any, accepted: tuple[Any, ...]) -> None:
@@ -212,18 +280,6 @@ def _parse_impala_kwargs(impala_kwargs: Mapping[str, Any] | None) -> int | None:
     return post_pool_groups
 
 
-def _take_plain_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the required ``img_shape`` and ``timesteps`` and the optional plain fields from ``kwargs``."""
-    img_shape = kwargs.pop("img_shape", None) or ()  # required: VPTConfig rejects the empty shape, naming it
-    timesteps = kwargs.pop("timesteps", None)
-    if timesteps is None:
-        raise ValueError(
-            "VPTConfig: timesteps is required (the transformer memory is attention_memory_size - timesteps)"
-        )
-    fields = {name: convert(kwargs.pop(name)) for name, convert in _PLAIN_FIELDS.items() if name in kwargs}
-    return {"img_shape": img_shape, "timesteps": int(timesteps), **fields}
-
-
 def _foundation(hidsize: int, heads: int, impala_width: int) -> VPTConfig:
     return VPTConfig(
         hidsize=hidsize, img_shape=(128, 128, 3), impala_width=impala_width, impala_chans=(16, 32, 32),
@@ -248,10 +304,16 @@ _PRESETS: dict[str, VPTConfig] = {
 }
 
 
+def _unknown_preset(name: object) -> str:
+    return f"unknown VPT preset {name!r}; known presets: {list(_PRESETS)}"
+
+
 class _DeprecatedPresetKwargs(Mapping[str, dict[str, Any]]):
     """``vpt_configs[name]``: a preset's MineStudio ``policy_kwargs``, with a ``DeprecationWarning``."""
 
     def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in _PRESETS:
+            raise KeyError(_unknown_preset(name))
         warnings.warn(
             f"mstudio.models.vpt_configs is deprecated and will be removed in mstudio 0.2: use "
             f"VPTPolicy.from_preset({name!r}) or VPTConfig.preset({name!r}) (its MineStudio policy_kwargs: "
@@ -261,12 +323,8 @@ class _DeprecatedPresetKwargs(Mapping[str, dict[str, Any]]):
         )
         return VPTConfig.preset(name).to_policy_kwargs()
 
-    # Mapping's `in` and get() look the key up and expect KeyError; an unknown preset raises ValueError instead.
     def __contains__(self, name: object) -> bool:
-        return name in _PRESETS
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in _PRESETS else default
+        return name in _PRESETS  # without the deprecation warning __getitem__ gives
 
     def __iter__(self) -> Iterator[str]:
         return iter(_PRESETS)

@@ -17,7 +17,7 @@ from mstudio.models.vpt.config import VPTConfig
 from mstudio.actions import N_BUTTONS, N_CAMERA
 from mstudio.models.vpt.impala import FanInLayer, ImgObsProcess
 from mstudio.models.vpt.transformer import ResidualRecurrentBlocks
-from mstudio.models.vpt.weights import check_temperature
+from mstudio.models.vpt.weights import check_state_values, check_temperature
 from mstudio.policy import DictActionHead, get_action
 
 __all__ = ["CategoricalHead", "ValueHead", "VPTBody", "VPTPolicy"]
@@ -145,6 +145,18 @@ class VPTPolicy(nn.Module):
         from mstudio.models.vpt.weights import from_pretrained
 
         return from_pretrained(cls, path)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, refusing first what it would load silently wrong.
+
+        Raises:
+            ValueError: listing every tensor holding NaN or inf, or of another kind than its parameter (an int,
+                bool or complex tensor into a float parameter, which torch casts without a word).
+            RuntimeError: from torch, for missing or unexpected keys (with ``strict``) and shape mismatches.
+                Float-to-float casts happen as in torch.
+        """
+        check_state_values(self, state_dict, "the state_dict given to VPTPolicy.load_state_dict")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def initial_state(self, batch_size: int) -> tuple[Tensor, ...]:
         """Empty memory: per layer ``(mask False (B, 1, maxlen), K zeros, V zeros (B, maxlen, hidsize))``."""

@@ -5,6 +5,7 @@ single-file ``.safetensors`` exports (config in the file's metadata). Never down
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -14,9 +15,11 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from mstudio._names import unknown_names
+
 __all__ = [
-    "LIGHTNING_PREFIX", "MSTUDIO_FORMAT", "check_state_dict", "check_temperature", "from_pretrained",
-    "load_vpt_weights", "policy_state_dict", "read_safetensors",
+    "DIGEST_KEY", "LIGHTNING_PREFIX", "MSTUDIO_FORMAT", "check_state_dict", "check_state_values", "check_temperature",
+    "from_pretrained", "load_vpt_weights", "policy_state_dict", "read_safetensors", "tensor_digest",
 ]
 
 #: Prefix of the policy's keys inside a MineStudio (``MineLightning``) checkpoint.
@@ -25,6 +28,13 @@ LIGHTNING_PREFIX = "mine_policy."
 #: ``metadata["format"]`` of mstudio's single-file ``.safetensors`` policy export (``mstudio.trainer``'s
 #: ``export_policy``), whose ``metadata["config"]`` holds the JSON of MineStudio's ``config.json``.
 MSTUDIO_FORMAT = "mstudio-policy"
+
+#: safetensors metadata key holding :func:`tensor_digest` of the file's tensors (written by ``export_policy``;
+#: :func:`read_safetensors` verifies it when present, and files without it load unverified).
+DIGEST_KEY = "tensors_sha256"
+
+# The entries of MineStudio's hub config.json.
+_CONFIG_ENTRIES = ("policy_kwargs", "temperature", "action_space", "nucleus_prob")
 
 
 def policy_state_dict(checkpoint: Mapping[str, object]) -> dict[str, Tensor]:
@@ -48,6 +58,22 @@ def check_state_dict(policy: nn.Module, state: Mapping[str, Tensor], source: str
     for k, v in expected.items():
         if k in state:
             problems += _tensor_problems(k, v, state[k])
+    _raise_problems(policy, source, problems)
+
+
+def check_state_values(policy: nn.Module, state: Mapping[str, object], source: str) -> None:
+    """Raise ``ValueError`` listing the tensors of ``state`` that fit a tensor of ``policy`` by key and shape but
+    hold NaN or inf, or are of another kind (an int, bool or complex tensor for a float parameter, which
+    ``load_state_dict`` casts silently). Keys, shapes and float-to-float casts are left to ``load_state_dict``."""
+    expected = policy.state_dict()
+    problems = []
+    for k, v in state.items():
+        if k in expected and isinstance(v, Tensor) and v.shape == expected[k].shape:
+            problems += _value_problems(k, expected[k], v, exact_dtype=False)
+    _raise_problems(policy, source, problems)
+
+
+def _raise_problems(policy: nn.Module, source: str, problems: list[str]) -> None:
     if problems:
         shown = "\n  ".join(problems[:40]) + ("\n  ..." if len(problems) > 40 else "")
         raise ValueError(
@@ -60,6 +86,14 @@ def _describe(value: object) -> str:
     return str(tuple(value.shape)) if isinstance(value, Tensor) else f"a {type(value).__name__}, not a tensor"
 
 
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "int"
+
+
 def _tensor_problems(key: str, expected: Tensor, found: object) -> list[str]:
     """What is wrong with ``found`` as the value of ``key`` (``expected`` is the policy's own tensor)."""
     if not isinstance(found, Tensor):
@@ -67,14 +101,19 @@ def _tensor_problems(key: str, expected: Tensor, found: object) -> list[str]:
     problems = []
     if tuple(found.shape) != tuple(expected.shape):
         problems.append(f"shape of {key}: expected {tuple(expected.shape)}, found {tuple(found.shape)}")
-    if found.dtype != expected.dtype:
-        problems.append(f"dtype of {key}: expected {expected.dtype}, found {found.dtype} (load_state_dict would cast "
-                        f"it silently; convert it explicitly, or build the policy in that dtype)")
-    elif found.is_floating_point() or found.is_complex():
+    return problems + _value_problems(key, expected, found, exact_dtype=True)
+
+
+def _value_problems(key: str, expected: Tensor, found: Tensor, exact_dtype: bool) -> list[str]:
+    """A dtype that differs (with ``exact_dtype``) or is of another kind, or values that are not finite."""
+    if found.dtype != expected.dtype and (exact_dtype or _kind(found.dtype) != _kind(expected.dtype)):
+        return [f"dtype of {key}: expected {expected.dtype}, found {found.dtype} (load_state_dict would cast "
+                f"it silently; convert it explicitly, or build the policy in that dtype)"]
+    if found.is_floating_point() or found.is_complex():
         bad = int((~torch.isfinite(found)).sum())
         if bad:
-            problems.append(f"{key} holds {bad} non-finite value(s) (NaN or inf) of {found.numel()}")
-    return problems
+            return [f"{key} holds {bad} non-finite value(s) (NaN or inf) of {found.numel()}"]
+    return []
 
 
 def load_vpt_weights(policy: nn.Module, path: str | Path) -> nn.Module:
@@ -115,8 +154,38 @@ def _torch_load(path: Path) -> object:
     )
 
 
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """The sha256 (hex) of every tensor's name, dtype, shape and bytes, in name order.
+
+    It depends on the tensors alone, not on the file's layout or header, so it can be stored in that header
+    (``metadata[DIGEST_KEY]``), and it covers the header's names, dtypes and shapes as well as the data.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        # The description fixes how many bytes follow, so the byte stream has one reading.
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _verify_digest(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """``ValueError`` when ``metadata`` records a digest of the tensors that they no longer have."""
+    expected = metadata.get(DIGEST_KEY)
+    if expected is None:
+        return  # a file written elsewhere, without mstudio's checksum
+    found = tensor_digest(tensors)
+    if found != expected:
+        raise ValueError(
+            f"{path} is corrupt: the sha256 of its tensors is expected to be {expected} (its metadata "
+            f"{DIGEST_KEY!r}) but found {found}; the file changed after it was written: export it again or restore "
+            "a good copy"
+        )
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and the string metadata (``{}`` when none) of a ``.safetensors`` file."""
+    """The tensors and the string metadata (``{}`` when none) of a ``.safetensors`` file, verified against the
+    digest in its metadata when it has one (:data:`DIGEST_KEY`)."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError as error:
@@ -125,9 +194,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ) from error
     try:
         with safe_open(str(path), "pt") as file:
-            return {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
+            tensors, metadata = {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
     except SafetensorError as error:
         raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupt?): {error}") from error
+    _verify_digest(path, tensors, metadata)
+    return tensors, metadata
 
 
 def from_pretrained(cls: type, path: str | Path) -> nn.Module:
@@ -142,8 +213,9 @@ def from_pretrained(cls: type, path: str | Path) -> nn.Module:
 
     Raises:
         FileNotFoundError: when the folder has no ``config.json`` or no weights file (nothing is ever downloaded).
-        ValueError: for a ``.safetensors`` file without mstudio's metadata, a config this port does not support,
-            or weights that do not fit the config (listing each offending key).
+        ValueError: for a ``.safetensors`` file without mstudio's metadata or whose tensors no longer match the
+            sha256 its metadata records, a config this port does not support, or weights that do not fit the
+            config (listing each offending key).
     """
     path = Path(path)
     if path.suffix == ".safetensors" and not path.is_dir():
@@ -165,11 +237,18 @@ def _check_config(config: object, source: str) -> dict:
     if not isinstance(config, dict) or "policy_kwargs" not in config:
         found = sorted(config) if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{source} has no 'policy_kwargs' (keys: {found})")
-    unknown = sorted(set(config) - {"policy_kwargs", "temperature", "action_space", "nucleus_prob"})
+    if not isinstance(config["policy_kwargs"], dict):
+        found = config["policy_kwargs"]
+        raise ValueError(f"{source}: 'policy_kwargs' must be an object of MineStudio's MinecraftPolicy arguments, "
+                         f"got {type(found).__name__} {found!r:.80}")
+    unknown = sorted(set(config) - set(_CONFIG_ENTRIES))
     if unknown:
-        raise ValueError(f"{source}: unsupported entries {unknown}")
-    if config.get("action_space") is not None or config.get("nucleus_prob") is not None:
-        raise ValueError(f"{source}: only the default action space and no nucleus sampling are supported")
+        raise ValueError(f"{source}: unknown entries {unknown_names(unknown, _CONFIG_ENTRIES)}; accepted: "
+                         f"{list(_CONFIG_ENTRIES)}")
+    for name in ("action_space", "nucleus_prob"):
+        if config.get(name) is not None:
+            raise ValueError(f"{source}: {name!r} must be null or absent (only the default action space and no "
+                             f"nucleus sampling are supported), got {config[name]!r}")
     if "temperature" in config:
         check_temperature(config["temperature"], f"{source}: 'temperature'")
     return config
@@ -191,7 +270,11 @@ def _hub_config(local_dir: Path) -> dict:
             f"{config_path} not found; from_pretrained reads a local folder (config.json + model.safetensors) or an "
             "mstudio .safetensors export, and never downloads (for .weights or .ckpt files use load_vpt_weights)"
         )
-    return _check_config(json.loads(config_path.read_text()), str(config_path))
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON (truncated or corrupt?): {error}") from None
+    return _check_config(config, str(config_path))
 
 
 def _hub_weights(local_dir: Path) -> tuple[dict[str, Tensor], Path]:
