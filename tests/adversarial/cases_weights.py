@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -155,8 +155,8 @@ def _add(key: str) -> Callable[[dict], None]:
     return lambda state: state.update({key: torch.zeros(3)})
 
 
-def _write_random(path: Path) -> None:
-    path.write_bytes(os.urandom(4096))
+def _write_random(path: Path, seed: int = 0) -> None:
+    path.write_bytes(random.Random(seed).randbytes(4096))
 
 
 def _claim_more_bytes(header: dict) -> None:
@@ -417,8 +417,9 @@ LOAD = [
         Handled(same_weights)),
     Case("weights", "load-weights/pickle-runs-code", lambda tmp: _weights_file(tmp, _pickle_code(tmp)),
          Refused(ValueError, "model.weights", "not a readable weights")),
-    Case("weights", "load-weights/random-bytes", functools.partial(_weights_file, write=_write_random),
-         Refused(ValueError, "model.weights", "not a readable weights")),
+    *[Case("weights", f"load-weights/random-bytes-{seed}",
+           functools.partial(_weights_file, write=functools.partial(_write_random, seed=seed)),
+           Refused(ValueError, "model.weights", "not a readable weights")) for seed in range(8)],
     Case("weights", "load-weights/truncated", functools.partial(
         _weights_file, write=lambda p: (_saved(lambda s: s)(p), truncate(p, 0.3))),
         Refused(ValueError, "model.weights", "not a readable weights")),

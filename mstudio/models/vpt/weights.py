@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 from pathlib import Path
 from typing import Mapping
 
@@ -144,7 +143,9 @@ def _torch_load(path: Path) -> object:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+    except OSError:
+        raise  # a missing file or a directory: torch's own error names the path
+    except Exception as error:  # arbitrary bytes make the unpickler fail in arbitrary ways (IndexError, KeyError, ...)
         kind = type(error).__name__
     raise ValueError(
         f"{path} is not a readable weights file: torch.load(weights_only=True) failed ({kind}); it is truncated, "
