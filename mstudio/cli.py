@@ -14,52 +14,86 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from mstudio.trainer import Trainer
 
-__all__ = ["eval_checkpoint", "import_vpt", "main", "store_verify", "synth", "train"]
+__all__ = ["eval_checkpoint", "import_minestudio", "import_vpt", "main", "store_verify", "synth", "train"]
 
 # `mstudio train` flags named as the `[run]` key each overrides (`--no-compile` is handled on its own).
 _RUN_FLAGS = ("out", "max_steps", "ckpt_every", "seed", "name")
 
 
 def synth(args: argparse.Namespace) -> int:
-    """Write synthetic VPT contractor data (mp4 + jsonl + expected-action sidecars)."""
-    from mstudio.data.contractor_synth import synthesize_contractor
-
+    """Write synthetic data: VPT contractor recordings (mp4 + jsonl + expected-action sidecars), or with
+    --format minestudio a MineStudio LMDB dataset (video/ and action/ LMDB environments + expected.json)."""
     try:
-        index = synthesize_contractor(args.dest, episodes=args.episodes, frames=args.frames, seed=args.seed)
+        if args.format == "minestudio":
+            from mstudio.data.minestudio_synth import synthesize_minestudio
+
+            written = synthesize_minestudio(args.dest, episodes=args.episodes, frames=args.frames, seed=args.seed,
+                                            tail=args.tail)
+        else:
+            from mstudio.data.contractor_synth import synthesize_contractor
+
+            written = synthesize_contractor(args.dest, episodes=args.episodes, frames=args.frames, seed=args.seed)
     except (ValueError, OSError) as error:
         return _error("synth", error)
-    print(f"wrote {index}")
+    print(f"wrote {written}")
     return 0
+
+
+def _store_for_import(dest: Path, resolution: int, src: str) -> Any:
+    """The episode store at ``dest``, created at ``resolution`` when there is none (two imports may race here)."""
+    from mstudio.data import EpisodeStore
+
+    if resolution < 1:
+        raise ValueError(f"--resolution must be an integer >= 1, got {resolution}")
+    if not (dest / "manifest.json").exists():
+        try:
+            EpisodeStore.create(dest, (resolution, resolution), meta={"source": str(src)})
+        except FileExistsError:
+            if not (dest / "manifest.json").exists():  # not a store another import just made: say what is there
+                raise
+    return EpisodeStore.open(dest)
+
+
+def _import_status(command: str, summary: Any, src: str, inputs: str) -> int:
+    """Print an import's summary; 0 when everything was imported, 3 when some ``inputs`` (what the importer
+    skips: "files", "chunks") were skipped, 2 when all were."""
+    print(f"imported {len(summary.imported)} episodes ({summary.frames} frames); "
+          f"{len(summary.already_present)} already in the store; {len(summary.skipped)} {inputs} skipped")
+    for where, reason in summary.skipped:
+        print(f"  skipped {where}: {reason}")
+    if summary.skipped and not summary.imported and not summary.already_present:
+        return _error(command, f"none of the {len(summary.skipped)} {inputs} under {src} could be imported: each "
+                               "was skipped, for the reason printed above")
+    return 3 if summary.skipped else 0  # 3: finished, some inputs skipped (see the command's help)
 
 
 def import_vpt(args: argparse.Namespace) -> int:
     """Import contractor recordings into an episode store (created if it does not exist)."""
-    from mstudio.data import EpisodeStore
     from mstudio.data.contractor_import import discover
     from mstudio.data.contractor_import import import_vpt as run_import
 
-    dest = Path(args.store)
     try:
-        if args.resolution < 1:
-            raise ValueError(f"--resolution must be an integer >= 1, got {args.resolution}")
         discover(args.src)  # a missing or unreadable SRC fails here, before the store is created
-        if not (dest / "manifest.json").exists():
-            try:
-                EpisodeStore.create(dest, (args.resolution, args.resolution), meta={"source": str(args.src)})
-            except FileExistsError:
-                if not (dest / "manifest.json").exists():  # not a store another import just made: say what is there
-                    raise
-        summary = run_import(args.src, EpisodeStore.open(dest), resolution=args.resolution, camera=args.camera)
+        store = _store_for_import(Path(args.store), args.resolution, args.src)
+        summary = run_import(args.src, store, resolution=args.resolution, camera=args.camera)
     except (ValueError, OSError) as error:
         return _error("import-vpt", error)
-    print(f"imported {len(summary.imported)} episodes ({summary.frames} frames); "
-          f"{len(summary.already_present)} already in the store; {len(summary.skipped)} files skipped")
-    for path, reason in summary.skipped:
-        print(f"  skipped {path}: {reason}")
-    if summary.skipped and not summary.imported and not summary.already_present:
-        return _error("import-vpt", f"none of the {len(summary.skipped)} segments under {args.src} could be "
-                                    f"imported: each was skipped, for the reason printed above")
-    return 3 if summary.skipped else 0  # 3: finished, some inputs skipped (see main's import-vpt help)
+    return _import_status("import-vpt", summary, args.src, "segments")
+
+
+def import_minestudio(args: argparse.Namespace) -> int:
+    """Import a MineStudio LMDB dataset (video/ and action/ LMDB environments) into an episode store (created if it
+    does not exist)."""
+    from mstudio.data.minestudio_import import import_minestudio as run_import
+    from mstudio.data.minestudio_import import list_environments
+
+    try:
+        list_environments(args.src)  # a missing or non-MineStudio SRC fails here, before the store is created
+        store = _store_for_import(Path(args.store), args.resolution, args.src)
+        summary = run_import(args.src, store, resolution=args.resolution)
+    except (ValueError, OSError) as error:
+        return _error("import-minestudio", error)
+    return _import_status("import-minestudio", summary, args.src, "chunks or episodes")
 
 
 class _Failed(Exception):
@@ -222,10 +256,28 @@ def _parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("synth", help=synth.__doc__)
     p.add_argument("dest", help="output directory")
-    p.add_argument("--episodes", type=int, default=2, help="sessions of two segments (one more, gapped, is added)")
-    p.add_argument("--frames", type=int, default=200, help="lines (frames) per segment")
+    p.add_argument("--format", choices=["contractor", "minestudio"], default="contractor",
+                   help="contractor: VPT mp4 + jsonl segments; minestudio: a MineStudio LMDB dataset")
+    p.add_argument("--episodes", type=int, default=2,
+                   help="contractor: sessions of two segments (one more, gapped, is added); "
+                        "minestudio: episodes (one more, shorter than a chunk, is added)")
+    p.add_argument("--frames", type=int, default=200,
+                   help="contractor: lines (frames) per segment; minestudio: frames of the first episode (+37 each)")
+    p.add_argument("--tail", choices=["drop", "keep"], default="drop",
+                   help="minestudio: drop the frames that do not fill a last chunk, as MineStudio's converter does, "
+                        "or keep them in a shorter last chunk")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=synth)
+
+    p = commands.add_parser("import-minestudio", help=import_minestudio.__doc__,
+                            description=f"{import_minestudio.__doc__} Exit status as for import-vpt: 0 when every "
+                            "episode was imported (or already present), 3 when some chunks were skipped, 2 on an "
+                            "error.")
+    p.add_argument("src", help="a MineStudio dataset directory: video/ and action/ folders of <modality>-<N> LMDB "
+                               "environments")
+    p.add_argument("store", help="episode store directory")
+    p.add_argument("--resolution", type=int, default=128)
+    p.set_defaults(run=import_minestudio)
 
     p = commands.add_parser("import-vpt", help=import_vpt.__doc__, description=f"{import_vpt.__doc__} Exit status: 0 "
                             "when every input was imported (or already present), 3 when the import finished but "

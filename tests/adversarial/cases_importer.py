@@ -410,7 +410,7 @@ def cli_skips_one(tmp: Path) -> str:
 
 def check_cli_skips_one(out: str, tmp: Path) -> None:
     s1 = stems(tmp / "raw")[1]
-    assert "imported 2 episodes" in out and "1 files skipped" in out and out.endswith("[exit status 3]"), out
+    assert "imported 2 episodes" in out and "1 segments skipped" in out and out.endswith("[exit status 3]"), out
     assert f"skipped {s1}.mp4: {s1.name}.jsonl line 1: 'hotbar' must be an integer 0-8 or null, got 12" in out, out
     imported([[0], [2]], [])(ImportSummary(), tmp)
 
@@ -436,7 +436,7 @@ def round_trip(name: str, *synth_flags: Any) -> Callable[[Path], str]:
 
 
 def check_round_trip(out: str, tmp: Path) -> None:
-    assert f"imported 2 episodes ({3 * FRAMES} frames); 0 already in the store; 0 files skipped" in out, out
+    assert f"imported 2 episodes ({3 * FRAMES} frames); 0 already in the store; 0 segments skipped" in out, out
 
 
 def synth_cli(*argv: Any, dest: str = "raw", made: bool = False) -> Callable[[Path], str]:

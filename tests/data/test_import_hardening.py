@@ -204,7 +204,7 @@ def test_cli_reports_skipped_segments(raw, tmp_path, capsys):
     edit_line(s[0], 1, set_in(("hotbar",), 12))
     assert main(["import-vpt", str(raw), str(tmp_path / "store"), "--resolution", "32"]) == 3
     out = capsys.readouterr().out
-    assert "imported 3 episodes" in out and "1 files skipped" in out
+    assert "imported 3 episodes" in out and "1 segments skipped" in out
     assert f"skipped {s[0]}.mp4: {s[0].name}.jsonl line 2: 'hotbar' must be an integer 0-8 or null, got 12" in out
 
 
@@ -220,4 +220,4 @@ def test_cli_round_trip_through_a_path_with_spaces(tmp_path, capsys):
     assert main(["synth", str(raw), "--episodes", "1", "--frames", "8"]) == 0
     assert "%20" in json.loads((raw / "index.json").read_text())["basedir"]
     assert main(["import-vpt", str(raw / "index.json"), str(tmp_path / "my store"), "--resolution", "32"]) == 0
-    assert "imported 2 episodes (24 frames); 0 already in the store; 0 files skipped" in capsys.readouterr().out
+    assert "imported 2 episodes (24 frames); 0 already in the store; 0 segments skipped" in capsys.readouterr().out

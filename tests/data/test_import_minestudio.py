@@ -311,3 +311,25 @@ def test_invalid_action_chunks(chunk, message):
         decode_action_chunk(pickle.dumps(chunk), "here")
     with pytest.raises(ValueError, match="not a valid pickle"):
         decode_action_chunk(b"\x80\x04junk", "here")
+
+
+def test_the_cli_writes_a_minestudio_dataset_and_imports_it_resumably(tmp_path, capsys):
+    from mstudio.cli import main
+    from mstudio.data import EpisodeStore
+
+    src, store = tmp_path / "ms", tmp_path / "store"
+    assert main(["synth", str(src), "--format", "minestudio", "--episodes", "2", "--frames", "40"]) == 0
+    assert main(["import-minestudio", str(src), str(store), "--resolution", "16"]) == 0
+    imported = EpisodeStore.open(store)
+    assert len(imported) >= 2 and imported.image_size == (16, 16)
+    assert main(["import-minestudio", str(src), str(store), "--resolution", "16"]) == 0
+    assert "imported 0 episodes" in capsys.readouterr().out
+    assert len(EpisodeStore.open(store)) == len(imported)
+
+
+def test_the_cli_refuses_a_missing_source_before_creating_a_store(tmp_path, capsys):
+    from mstudio.cli import main
+
+    assert main(["import-minestudio", str(tmp_path / "nope"), str(tmp_path / "store")]) == 2
+    assert not (tmp_path / "store").exists()
+    assert capsys.readouterr().err.count("\n") == 1
