@@ -11,10 +11,11 @@ from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, RandomWindows,
 from mstudio.data.synthetic import fill_store
 from mstudio.models import VPTPolicy
 from mstudio.optim import GradientTransformation, adamw
+from mstudio.research import term
 from mstudio.trainer.config import ConfigError, DataConfig, OptimizerConfig, PolicyConfig
 
-__all__ = ["HYPERPARAM_NAMES", "build_loaders", "build_objective", "build_optimizer", "build_policy", "build_sampler",
-           "open_store", "policy_config"]
+__all__ = ["HYPERPARAM_NAMES", "build_loaders", "build_objective", "build_optimizer", "build_policy",
+           "build_research_terms", "build_sampler", "open_store", "policy_config"]
 
 #: The state hyper-parameter that holds each objective's weight (named as MineStudio logs the weight).
 HYPERPARAM_NAMES = {"behavior_clone": "bc_weight", "kl_gaussian": "kl_weight"}
@@ -94,11 +95,26 @@ def build_loaders(config: DataConfig, store: EpisodeStore, seed: int) -> tuple[L
     return train, val
 
 
+def _weighted_terms(weights: dict[str, float]) -> dict[str, losses.Objective]:
+    """Each named objective weighted by its state hyper-parameter (``bc_weight``, ...)."""
+    return {name: losses.weighted(_OBJECTIVES[name], losses.Hyperparam(HYPERPARAM_NAMES[name], weight))
+            for name, weight in weights.items()}
+
+
 def build_objective(weights: dict[str, float]) -> losses.Objective:
     """The sum of the named objectives, each weighted by a state hyper-parameter (``bc_weight``, ...)."""
-    terms = [losses.weighted(_OBJECTIVES[name], losses.Hyperparam(HYPERPARAM_NAMES[name], weight))
-             for name, weight in weights.items()]
+    terms = list(_weighted_terms(weights).values())
     return terms[0] if len(terms) == 1 else losses.combine(*terms)
+
+
+def build_research_terms(weights: dict[str, float]) -> dict[str, losses.Objective]:
+    """What a ``[research]`` diagnostics pass compares: each configured objective as weighted in the run, and
+    with ``behavior_clone`` its camera and button terms (unweighted) as ``behavior_clone.camera`` / ``.buttons``."""
+    terms = _weighted_terms(weights)
+    if "behavior_clone" in weights:
+        terms["behavior_clone.camera"] = term(losses.behavior_clone, "camera_loss")
+        terms["behavior_clone.buttons"] = term(losses.behavior_clone, "button_loss")
+    return terms
 
 
 def build_optimizer(config: OptimizerConfig) -> GradientTransformation:

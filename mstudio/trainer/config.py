@@ -106,6 +106,14 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ResearchConfig:
+    every: int = 0
+    """Run a gradient-diagnostics pass every this many steps and log it under ``research/`` (0: never). It
+    compares each configured objective's gradient (and, with ``behavior_clone``, its camera and button terms):
+    ``research/grad_norm/<term>``, ``research/grad_cosine/<a>__<b>``, ``research/loss/<term>``."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -113,6 +121,7 @@ class TrainConfig:
     """Objective name -> weight (see :data:`OBJECTIVES`)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    research: ResearchConfig = field(default_factory=ResearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (TOML- and JSON-able; ``None`` values left out, as TOML has no null)."""
@@ -181,7 +190,8 @@ def _validate(config: TrainConfig) -> None:
         _check(value >= 1, where, "an integer >= 1", value)
     for where, value in (("data.num_workers", data.num_workers), ("data.val_episodes", data.val_episodes),
                          ("run.val_every", run.val_every), ("run.ckpt_every", run.ckpt_every),
-                         ("optimizer.warmup_steps", opt.warmup_steps), ("run.seed", run.seed)):
+                         ("optimizer.warmup_steps", opt.warmup_steps), ("run.seed", run.seed),
+                         ("research.every", config.research.every)):
         _check(value >= 0, where, "an integer >= 0", value)
     _check(data.sampler in ("continuous", "random"), "data.sampler", "one of ['continuous', 'random']", data.sampler)
     _check(config.policy.preset in VPTConfig.preset_names(), "policy.preset", f"one of {sorted(VPTConfig.preset_names())}",
@@ -217,7 +227,8 @@ def config_from_dict(table: Mapping[str, Any]) -> TrainConfig:
     """
     if not isinstance(table, Mapping):
         raise ConfigError(f"a config must be a table, got {type(table).__name__}")
-    parts = {"data": DataConfig, "policy": PolicyConfig, "optimizer": OptimizerConfig, "run": RunConfig}
+    parts = {"data": DataConfig, "policy": PolicyConfig, "optimizer": OptimizerConfig, "run": RunConfig,
+             "research": ResearchConfig}
     _check_known(table, [*parts, "objectives"], "unknown table(s)")
     built = {name: _build(cls, table.get(name, {}), name) for name, cls in parts.items()}
     objectives = table.get("objectives", {"behavior_clone": 1.0})

@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from mstudio.batch import normalize_batch
+from mstudio.research import diagnose
 from mstudio.train import init_state, make_train_step
 from mstudio.train.evaluate import evaluate
 from mstudio.trainer import build
@@ -108,6 +110,7 @@ class Trainer:
                                 ema=run.ema_decay is not None)
         self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
                                     ema_decay=run.ema_decay)
+        self._diagnose = self._diagnostics() if config.research.every else None
         if checkpoint is not None:
             self._restore(checkpoint)
         self._batch_stream = self._batches()  # one stream for every train() call, so calls continue it
@@ -164,6 +167,16 @@ class Trainer:
         self.state = tree["state"]
         torch.set_rng_state(tree["rng"])
         print(f"resumed {self.run_dir} at step {int(self.state.step)} from {path}")
+
+    def _diagnostics(self) -> Any:
+        """``(state, batch) -> research metrics``: :func:`mstudio.research.diagnose` over the run's terms, compiled
+        into one graph of its own when the run compiles (built on first use; the train step's graph is untouched)."""
+        terms = build.build_research_terms(self.config.objectives)
+
+        def diagnostics(state: Any, batch: dict) -> dict[str, torch.Tensor]:
+            return diagnose(self.policy, terms, state, batch)
+
+        return torch.compile(diagnostics, fullgraph=True) if self.config.run.compile else diagnostics
 
     def _save(self) -> Path:
         meta = {"loader": self._position, "config": self.config.to_dict()}
@@ -227,8 +240,12 @@ class Trainer:
         summary: dict[str, Any] = {"first_loss": None, "last_loss": None, "val": {}}
         bar = tqdm(total=run.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         since, since_step = time.perf_counter(), step
+        every = self.config.research.every
         while step < stop:
-            self.state, metrics = self.step(self.state, next(self._batch_stream))
+            batch = next(self._batch_stream)
+            if every and step % every == 0:  # on the batch the step is about to train on, before the update
+                writer.scalars("research", _to_host(self._diagnose(self.state, normalize_batch(batch))), step)
+            self.state, metrics = self.step(self.state, batch)
             self._position = self.loader.state_dict()
             step += 1
             bar.update(1)

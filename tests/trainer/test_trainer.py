@@ -88,6 +88,30 @@ def test_event_files_hold_train_and_val_scalars_and_hparams(tmp_path, store):
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
 
 
+def test_research_diagnostics_are_logged_every_n_steps_and_change_no_training(tmp_path, store):
+    table = tiny(tmp_path, "research", store, max_steps=5, val_every=0)
+    with_research = Trainer(config_from_dict({**table, "research": {"every": 2}}))
+    with_research.fit()
+    plain = Trainer(config_from_dict(tiny(tmp_path, "plain", store, max_steps=5, val_every=0)))
+    plain.fit()
+    assert_trees_equal(with_research.state, plain.state)  # the pass reads the state and changes nothing
+    events = EventAccumulator(str(tmp_path / "research"))
+    events.Reload()
+    tags = {tag for tag in events.Tags()["scalars"] if tag.startswith("research/")}
+    assert tags == {"research/loss/behavior_clone", "research/loss/behavior_clone.camera",
+                    "research/loss/behavior_clone.buttons", "research/grad_norm/behavior_clone",
+                    "research/grad_norm/behavior_clone.camera", "research/grad_norm/behavior_clone.buttons",
+                    "research/grad_cosine/behavior_clone__behavior_clone.camera",
+                    "research/grad_cosine/behavior_clone__behavior_clone.buttons",
+                    "research/grad_cosine/behavior_clone.camera__behavior_clone.buttons"}
+    assert [e.step for e in events.Scalars("research/grad_norm/behavior_clone")] == [0, 2, 4]
+    # BC is the sum of its camera and button terms: its loss is theirs added up
+    first = {tag: events.Scalars(f"research/loss/{tag}")[0].value
+             for tag in ("behavior_clone", "behavior_clone.camera", "behavior_clone.buttons")}
+    assert first["behavior_clone"] == pytest.approx(first["behavior_clone.camera"] + first["behavior_clone.buttons"],
+                                                    rel=1e-5)
+
+
 def test_resumed_run_replaces_the_events_logged_after_its_checkpoint(tmp_path, store):
     Trainer(config_from_dict(tiny(tmp_path, "replayed", store, max_steps=6, ckpt_every=3))).fit()
     shutil.rmtree(tmp_path / "replayed" / "checkpoints" / "step_6")  # as if killed before saving step 6
