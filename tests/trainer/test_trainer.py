@@ -153,6 +153,8 @@ BAD_CONFIGS = [
     ({"optimizer": {"lr": -1}}, ["optimizer.lr", ">= 0", "-1"]),
     ({"run": {"ema_decay": 1.0}}, ["run.ema_decay", "[0, 1)", "1.0"]),
     ({"objectives": {"foo": 1.0}}, ["objectives", "'behavior_clone'", "'kl_gaussian'", "'foo'"]),
+    ({"research": {"every": -1}}, ["research.every", ">= 0", "-1"]),
+    ({"research": {"evry": 2}}, ["research", "'evry'", "did you mean 'every'"]),
 ]
 
 
