@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective, check_output, objective_name
 from mstudio.batch import check_batch, normalize_batch
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
+from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
 from mstudio.optim import GradientTransformation, apply_updates, global_norm
 from mstudio.policy import check_policy
 from mstudio.train.checks import (
@@ -36,7 +37,9 @@ from mstudio.train.state import TrainState, objective_batch
 
 __all__ = [
     "Gradients",
+    "GradientReduce",
     "TrainStep",
+    "average_across_ranks",
     "make_train_step",
     "reached_parameters",
     "train_step_function",
@@ -98,6 +101,7 @@ def train_step_function(
     autocast_dtype: torch.dtype | None = None,
     ema_decay: float | None = None,
     skip_nonfinite: bool = True,
+    grad_reduce: GradientReduce | None = None,
 ) -> StepFn:
     """The pure step function for parameters ``reached`` by the objective (the others get no update).
 
@@ -113,11 +117,13 @@ def train_step_function(
         skip_nonfinite: when the loss, the gradients or the update are not finite, keep the parameters,
             optimizer state and EMA as they were (``torch.where``: no host sync) and count it in
             ``skipped_updates``. Either way ``metrics["nonfinite"]`` (long 0-d, 1 or 0) says whether they were.
+        grad_reduce: ``Gradients -> Gradients`` applied between the two halves, before clipping and the
+            optimizer (data parallelism: :func:`average_across_ranks`); ``None``: nothing in between.
     """
 
     gradients, update = train_step_parts(apply_fn, objective, optimizer, reached, value_and_grad,
                                          autocast_dtype=autocast_dtype, ema_decay=ema_decay,
-                                         skip_nonfinite=skip_nonfinite)
+                                         skip_nonfinite=skip_nonfinite, grad_reduce=grad_reduce)
 
     def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
         return update(state, batch, gradients(state, batch))
@@ -135,6 +141,34 @@ class Gradients(NamedTuple):
     state_out: Any
 
 
+#: What runs between the two halves of a step (:func:`average_across_ranks`).
+GradientReduce = Callable[[Gradients], Gradients]
+
+
+def average_across_ranks(group: torch.distributed.ProcessGroup | None = None) -> GradientReduce:
+    """``reduce(computed) -> computed`` with the gradients, the loss and the objective's floating-point metrics
+    averaged over the ranks of ``group`` (default: the world): data parallelism inside the pure step.
+
+    With ``B / R`` rows on each of ``R`` ranks and an objective that averages over rows (as ``behavior_clone``
+    does), the mean of the ranks' gradients is the gradient one process computes on all ``B`` rows, so what
+    follows (clipping by the global norm, AdamW, the non-finite guard) is the same on every rank and the
+    replicas stay equal. The loss is averaged too: the guard's verdict must be the same on every rank, and a
+    loss that is NaN or inf on one rank makes the mean so on all. Integer and Python-number metrics and
+    ``state_out`` (each rank's own rows) are left as they are.
+
+    Traceable (functional collectives): the compiled step stays one graph. The group is resolved now.
+    """
+    mean = mean_across_ranks(group)
+
+    def reduce(computed: Gradients) -> Gradients:
+        floats = {key: value for key, value in computed.out.items()
+                  if key != "loss" and isinstance(value, Tensor) and value.is_floating_point()}
+        grads, loss, floats = mean((computed.grads, computed.loss, floats))
+        return computed._replace(grads=grads, loss=loss, out={**computed.out, **floats, "loss": loss})
+
+    return reduce
+
+
 def train_step_parts(
     apply_fn: Callable,
     objective: Objective,
@@ -145,11 +179,12 @@ def train_step_parts(
     autocast_dtype: torch.dtype | None = None,
     ema_decay: float | None = None,
     skip_nonfinite: bool = True,
+    grad_reduce: GradientReduce | None = None,
 ) -> tuple[Callable[[TrainState, Mapping[str, Any]], Gradients],
            Callable[[TrainState, Mapping[str, Any], Gradients], tuple[TrainState, dict[str, Tensor]]]]:
     """:func:`train_step_function`'s two halves, pure: ``gradients(state, batch) -> Gradients`` (memory carry,
-    forward, objective, gradients) and ``update(state, batch, gradients) -> (new_state, metrics)`` (optimizer,
-    guard, EMA, carry). ``update(state, batch, gradients(state, batch))`` is the step.
+    forward, objective, gradients) and ``update(state, batch, gradients) -> (new_state, metrics)`` (``grad_reduce``
+    when given, optimizer, guard, EMA, carry). ``update(state, batch, gradients(state, batch))`` is the step.
 
     They are apart so the first can be ``torch.func.vmap``-ed over stacked states (a sweep of K variants in one
     call, :mod:`mstudio.research.sweep`) while the second, whose ``torch._foreach_*`` kernels have no vmap rule,
@@ -179,6 +214,8 @@ def train_step_parts(
         return Gradients(grads, loss, dict(out), state_out)
 
     def update(state: TrainState, batch: Mapping[str, Any], computed: Gradients) -> tuple[TrainState, dict[str, Tensor]]:
+        if grad_reduce is not None:  # before clipping, so the global norm is the norm of the global gradient
+            computed = grad_reduce(computed)
         loss, out = computed.loss, computed.out
         # Detached: parameters handed in with requires_grad (a state built by hand) would otherwise give a new
         # state that carries an autograd graph, growing by one update every step.
@@ -231,15 +268,19 @@ class TrainStep:
     the optimizer and that every float tensor of the state is finite (one host sync). Every call checks the
     state (:func:`mstudio.train.checks.check_state`, no sync) and validates and normalizes the batch first.
 
+    Data-parallel (``data_parallel=True``), the first call also checks that every rank reaches the same parameters
+    and holds the same state (:func:`mstudio.distributed.check_replicas`), and a failed collective (a rank that
+    died or hangs) raises :class:`mstudio.distributed.CollectiveFailure`.
+
     Attributes:
         reached: names of the parameters that get gradients (set by the first call).
     """
 
     def __init__(self, policy: nn.Module, objective: Objective, optimizer: GradientTransformation, *,
                  compile: bool, validate: bool, autocast_dtype: torch.dtype | None, ema_decay: float | None,
-                 skip_nonfinite: bool):
+                 skip_nonfinite: bool, data_parallel: bool = False):
         self.policy, self.objective, self.optimizer = policy, objective, optimizer
-        self.compile, self.validate = compile, validate
+        self.compile, self.validate, self.data_parallel = compile, validate, data_parallel
         self._options = dict(autocast_dtype=autocast_dtype, ema_decay=ema_decay, skip_nonfinite=skip_nonfinite)
         self.apply_fn, params, buffers = functionalize(policy)
         self._spec = (tensor_spec(params), tensor_spec(buffers))  # what every state handed in must hold
@@ -254,7 +295,10 @@ class TrainStep:
         batch = self._prepare(state, batch, state.batch_size)
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        return self._step_fn(state, batch)
+        if not self.data_parallel:
+            return self._step_fn(state, batch)
+        with collective_failures("the data-parallel train step"):
+            return self._step_fn(state, batch)
 
     def _prepare(self, state: TrainState, batch: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
         """``batch`` checked and normalized; on the first call, the step built for ``state`` (one, unstacked)."""
@@ -285,10 +329,16 @@ class TrainStep:
         check_opt_state(state, self.optimizer)
         check_finite_state(state)
         self.reached = reached_parameters(self.policy, self.objective, state, batch)
+        grad_reduce = None
+        if self.data_parallel:
+            grad_reduce = average_across_ranks()  # raises first when no process group is initialised
+            with collective_failures("the data-parallel step's first-call checks"):
+                check_same_across_ranks(",".join(sorted(self.reached)), "the parameters the objective reaches")
+                check_replicas(state)
         self._batch_keys = frozenset(batch)
         traceable = value_and_grad_func if self.compile else value_and_grad_autograd
         step_fn = train_step_function(self.apply_fn, self.objective, self.optimizer, self.reached, traceable,
-                                      **self._options)
+                                      **self._options, grad_reduce=grad_reduce)
         if not self.compile:
             self._step_fn = step_fn
             return
@@ -358,6 +408,7 @@ def make_train_step(
     autocast_dtype: torch.dtype | None = None,
     ema_decay: float | None = None,
     skip_nonfinite: bool = True,
+    data_parallel: bool = False,
 ) -> TrainStep:
     """Build ``step(state, batch) -> (new_state, metrics)`` for ``policy`` trained on ``objective``.
 
@@ -386,18 +437,27 @@ def make_train_step(
         ema_decay: keep ``state.ema`` (make the state with ``init_state(..., ema=True)``) as
             ``ema <- ema + (1 - ema_decay) * (params - ema)`` after every update; ``None``: no EMA.
         skip_nonfinite: the non-finite guard above (default on).
+        data_parallel: between 3 and 4, average the gradients, the loss and the float metrics over the ranks of
+            the initialised ``torch.distributed`` process group (:func:`average_across_ranks`: functional
+            collectives, still one compiled graph), so every rank applies the same update; each rank passes its own
+            rows and keeps its own memory. Launch with torchrun and call
+            :func:`mstudio.distributed.init_distributed` first. ``False`` (default): a single process, unchanged.
 
     Returns:
         A :class:`TrainStep`; ``metrics`` holds the objective's outputs plus ``grad_norm`` (global norm before
         clipping), ``lr`` (the learning rate this update applied), ``nonfinite`` (long 0-d: 1 when this step's
         loss, gradient norm or update norm was NaN or inf, else 0; reported whether or not ``skip_nonfinite``
         skips the update, computed on the device without a host sync) and ``skipped_updates`` (so far), all as
-        detached tensors. An objective may not return metrics of these names.
+        detached tensors. An objective may not return metrics of these names. Data-parallel, the loss and the
+        objective's float metrics are means over the ranks, and every metric is the same on every rank.
 
     Raises:
         TypeError, ValueError: at build, a bad argument; on a call, a malformed batch (:mod:`mstudio.batch`) or
             state (another policy's, another batch size's or optimizer's, or, on the first call, holding NaN),
-            or an objective that breaks the contract of :mod:`losses.api`; all before any work.
+            or an objective that breaks the contract of :mod:`losses.api`; all before any work. Data-parallel, on
+            the first call: ``RuntimeError`` without a process group, ``ValueError`` when the ranks' states or
+            reached parameters differ; on any call, :class:`mstudio.distributed.CollectiveFailure` when another
+            rank died or timed out.
     """
     check_policy(policy)
     if not callable(objective):
@@ -406,5 +466,7 @@ def make_train_step(
         raise TypeError(f"optimizer must be a mstudio.optim.GradientTransformation, got {type(optimizer).__name__}")
     if ema_decay is not None and not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if not isinstance(data_parallel, bool):
+        raise TypeError(f"data_parallel must be a bool, got {type(data_parallel).__name__} {data_parallel!r}")
     return TrainStep(policy, objective, optimizer, compile=compile, validate=validate, autocast_dtype=autocast_dtype,
-                     ema_decay=ema_decay, skip_nonfinite=skip_nonfinite)
+                     ema_decay=ema_decay, skip_nonfinite=skip_nonfinite, data_parallel=data_parallel)
