@@ -17,7 +17,8 @@ _ATTRIBUTES = {
     "make_train_step": "mstudio.train",
     "set_hyperparams": "mstudio.train",
 }
-_SUBMODULES = ("actions", "bridge", "compat", "data", "distributions", "models", "optim", "policy", "train", "trainer")
+_SUBMODULES = ("actions", "bridge", "compat", "data", "distributed", "distributions", "models", "optim", "policy",
+               "research", "train", "trainer")
 
 __all__ = sorted([*_ATTRIBUTES, *_SUBMODULES])
 
