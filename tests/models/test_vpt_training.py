@@ -10,7 +10,6 @@ import torch
 import losses
 import mstudio
 from mstudio.models import VPTPolicy
-from tests.support.compile_checks import assert_step_is_one_graph
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "vpt"
 OBJECTIVE = losses.weighted(losses.behavior_clone, 0.01)
@@ -101,6 +100,8 @@ def runs():
 
 @pytest.mark.slow
 def test_compiled_step_equals_eager_without_recompiles(runs):
+    # make_train_step compiles with fullgraph=True, so a graph break fails the first compiled call: this run
+    # also shows the step is one graph (a separate dynamo.explain of VPT cost two more minutes of tracing).
     for i, ((eager_state, eager_metrics), (comp_state, comp_metrics)) in enumerate(runs):
         for key in eager_metrics:
             torch.testing.assert_close(comp_metrics[key], eager_metrics[key], rtol=1e-9, atol=1e-9,
@@ -116,7 +117,3 @@ def test_compiled_step_equals_eager_without_recompiles(runs):
     assert lrs == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3, 1e-3])
 
 
-@pytest.mark.slow
-def test_step_is_one_graph_without_breaks():
-    policy, optimizer, batches = _compile_setup()
-    assert_step_is_one_graph(policy, optimizer, OBJECTIVE, batches[0], no_grad_prefix="value_head.")
