@@ -43,15 +43,21 @@ def behavior_clone(
     for head in ("buttons", "camera"):  # both heads are read below, by name
         require(pi_logits, head, "latents['pi_logits']", "behavior_clone")
     log_prob = distributions.logprob(pi_logits, agent_action)
-    entropy = distributions.entropy(pi_logits)
+    weight = deprecated_weight(weight, "behavior_clone")
+    return bc_outputs(batch, agent_action, log_prob, distributions.entropy(pi_logits), weight)
+
+
+def bc_outputs(batch: Mapping[str, Any], agent_action: Mapping[str, Tensor], log_likelihood: Mapping[str, Tensor],
+               entropy: Mapping[str, Tensor], weight: float) -> dict[str, Tensor]:
+    """BC's reduction of per-step log-likelihoods (head -> ``(B, T)``): the mask, the camera rule, the sum over T
+    and the mean over B, as in :func:`behavior_clone`'s docstring (shared by its variants, e.g. label smoothing)."""
     camera_moved = (agent_action["camera"] != CAMERA_NULL).float().squeeze(-1)
     mask = step_mask(batch, camera_moved)
-    logp_camera = (log_prob["camera"] * mask * camera_moved).sum(-1)
-    logp_buttons = (log_prob["buttons"] * mask).sum(-1)
+    logp_camera = (log_likelihood["camera"] * mask * camera_moved).sum(-1)
+    logp_buttons = (log_likelihood["buttons"] * mask).sum(-1)
     entropy_camera = (entropy["camera"] * mask * camera_moved).sum(-1)
     entropy_buttons = (entropy["buttons"] * mask).sum(-1)
     camera_loss, button_loss = -logp_camera, -logp_buttons
-    weight = deprecated_weight(weight, "behavior_clone")
     return {
         "loss": (camera_loss + button_loss).mean() * weight,
         "camera_loss": camera_loss.mean(),
@@ -59,6 +65,5 @@ def behavior_clone(
         "entropy": (entropy_camera + entropy_buttons).mean(),
         "bc_weight": torch.as_tensor(weight, dtype=torch.float32, device=camera_loss.device),
     }
-
 
 behavior_clone.weight_key = "bc_weight"

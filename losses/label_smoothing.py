@@ -5,12 +5,11 @@ from __future__ import annotations
 import numbers
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor
 
-from losses._keys import require, step_mask
+from losses._keys import require
+from losses.behavior_clone import bc_outputs
 from mstudio import distributions
-from mstudio.actions import CAMERA_NULL
 
 __all__ = ["label_smoothed_behavior_clone"]
 
@@ -61,21 +60,6 @@ def label_smoothed_behavior_clone(
     # (1 - eps) * onehot + eps / K against log pi: the mean over classes (summed over the singleton dim).
     smoothed = {head: (1 - smoothing) * log_prob[head] + smoothing * pi_logits[head].mean(-1).sum(-1)
                 for head in ("buttons", "camera")}
-    # The same operations, in the same order, as behavior_clone, so smoothing=0 reproduces it exactly.
-    camera_moved = (agent_action["camera"] != CAMERA_NULL).float().squeeze(-1)
-    mask = step_mask(batch, camera_moved)
-    ll_camera = (smoothed["camera"] * mask * camera_moved).sum(-1)
-    ll_buttons = (smoothed["buttons"] * mask).sum(-1)
-    entropy_camera = (entropy["camera"] * mask * camera_moved).sum(-1)
-    entropy_buttons = (entropy["buttons"] * mask).sum(-1)
-    camera_loss, button_loss = -ll_camera, -ll_buttons
-    return {
-        "loss": (camera_loss + button_loss).mean(),
-        "camera_loss": camera_loss.mean(),
-        "button_loss": button_loss.mean(),
-        "entropy": (entropy_camera + entropy_buttons).mean(),
-        "bc_weight": torch.as_tensor(1.0, dtype=torch.float32, device=camera_loss.device),
-    }
-
+    return bc_outputs(batch, agent_action, smoothed, entropy, 1.0)
 
 label_smoothed_behavior_clone.weight_key = "bc_weight"

@@ -28,6 +28,7 @@ from mstudio.data import EpisodeStore
 from mstudio.data.contractor_import import ImportSummary, import_vpt
 from mstudio.data.contractor_synth import synthesize_contractor
 from tests.adversarial.harness import Case, Handled, Refused
+from tests.support.media import write_audio_only
 
 RES = 16
 FRAMES = 4
@@ -238,12 +239,7 @@ def video(count: int, width: int = 640, height: int = 360) -> Callable[[Path], N
 
 def audio_only(path: Path) -> None:
     path.unlink()
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 8000
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            container.mux(packet)
+    write_audio_only(path)
 
 
 def with_index(edit: Callable[[dict, Path], dict], where: str = "raw/index.json") -> Callable[[Path], ImportSummary]:

@@ -4,14 +4,13 @@ import json
 import shutil
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 
 from mstudio.cli import main
 from mstudio.data import EpisodeStore
 from mstudio.data.contractor_import import check_lines, discover, import_vpt
 from mstudio.data.contractor_synth import synthesize_contractor
+from tests.support.media import write_audio_only
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +95,6 @@ def test_check_lines_accepts_null_devices_and_missing_fields():
     check_lines([{}, {"mouse": None, "keyboard": None, "hotbar": None}, {"hotbar": 8, "mouse": {"dx": 3}}])
     with pytest.raises(ValueError, match=r"x.jsonl line 3: 'hotbar' must be an integer 0-8 or null, got true"):
         check_lines([{"hotbar": True}], "x.jsonl", first=3)
-
-
-def write_audio_only(path: Path) -> None:
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 8000
-        for packet in [*stream.encode(frame), *stream.encode()]:
-            container.mux(packet)
 
 
 def break_not_utf8(stem: Path) -> str:
