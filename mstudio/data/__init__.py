@@ -1,10 +1,13 @@
 """Episode data: the on-disk store, windows, samplers and loaders, the VPT contractor importer, and synthetic data."""
 
+from mstudio.data._base import Store
 from mstudio.data.contractor_import import import_vpt
 from mstudio.data.contractor_synth import synthesize_contractor
 from mstudio.data.loader import Loader, make_loader
 from mstudio.data.samplers import EpisodeContinuous, EpisodeContinuousBatchSampler, RandomWindows, Sampler
+from mstudio.data.sharded import ShardedStore
 from mstudio.data.store import EpisodeStore
+from mstudio.data.stores import create_store, open_store
 from mstudio.data.synthetic import fill_store, random_batch
 from mstudio.data.windows import WindowDataset
 
@@ -15,10 +18,14 @@ __all__ = [
     "Loader",
     "RandomWindows",
     "Sampler",
+    "ShardedStore",
+    "Store",
     "WindowDataset",
+    "create_store",
     "fill_store",
     "import_vpt",
     "make_loader",
+    "open_store",
     "random_batch",
     "synthesize_contractor",
 ]

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mstudio.actions import contractor_to_env, env_to_agent
 from mstudio.actions.contractor import CAMERA_MODES, EXTRA_BUTTONS, check_line, check_lines
 from mstudio.actions.mapping import BUTTONS
+from mstudio.data._base import Store
 from mstudio.data.store import EpisodeStore
 
 __all__ = [
@@ -358,8 +359,8 @@ def import_vpt(
 
 def _check_arguments(store: EpisodeStore, resolution: int, camera: str, max_gap: timedelta) -> None:
     """Raise ``TypeError``/``ValueError`` for arguments every segment would fail on, before anything is read."""
-    if not isinstance(store, EpisodeStore):
-        raise TypeError(f"store must be an EpisodeStore (EpisodeStore.open(path) or EpisodeStore.create(path, "
+    if not isinstance(store, Store):
+        raise TypeError(f"store must be an EpisodeStore or a ShardedStore (open_store(path) or create_store(path, "
                         f"(resolution, resolution))); got {type(store).__name__} {store!r}")
     if not isinstance(max_gap, timedelta):
         raise TypeError(f"max_gap must be a datetime.timedelta; got {type(max_gap).__name__} {max_gap!r}")

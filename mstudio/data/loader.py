@@ -14,9 +14,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from mstudio.data._base import Store
 from mstudio.data._checks import integer
 from mstudio.data.samplers import EpisodeContinuous, RandomWindows, Sampler
-from mstudio.data.store import EpisodeStore
 from mstudio.data.windows import WindowDataset
 
 __all__ = ["Loader", "make_loader"]
@@ -141,15 +141,18 @@ def _nonempty(sampler: Sampler, dataset: WindowDataset, epoch: int, batches: lis
     episodes, windows = len(dataset.episodes), len(dataset)
     where = f" on rank {sampler.rank} of {ranks}" if ranks > 1 else ""
     per_rank = f", {episodes // ranks} episodes and {windows // ranks} windows per rank" if ranks > 1 else ""
+    stepless = dataset.windows_per_episode.count(0)  # only drop_null leaves an episode without a step
+    dropped = f" (drop_null left {stepless} episodes without a step: all their frames are null)" if stepless else ""
     raise ValueError(
         f"{type(sampler).__name__} gives no batches of {sampler.batch_size} for epoch {epoch}{where}: the dataset has "
-        f"{windows} windows in {episodes} episodes{per_rank}. EpisodeContinuous needs batch_size <= the episodes per "
-        f"rank (each row follows an episode of its own); RandomWindows (drop_last=True) needs batch_size <= the "
-        f"windows per rank. Use a smaller batch_size or more episodes")
+        f"{windows} windows in {episodes} episodes{per_rank}{dropped}. EpisodeContinuous needs batch_size <= the "
+        f"episodes per rank (each row follows an episode of its own); RandomWindows (drop_last=True) needs "
+        f"batch_size <= the windows per rank. Use a smaller batch_size or more episodes")
 
 
-def make_loader(store: EpisodeStore, window: int, sampler: Sampler | int | None = None, *, skip_frame: int = 1,
-                num_workers: int = 0, pin_memory: bool | None = None, **deprecated: Any) -> Loader:
+def make_loader(store: Store, window: int, sampler: Sampler | int | None = None, *, skip_frame: int = 1,
+                drop_null: bool = False, num_workers: int = 0, pin_memory: bool | None = None,
+                **deprecated: Any) -> Loader:
     """A :class:`Loader` of ``window``-step windows of every episode of ``store``, batched by ``sampler``.
 
     Example::
@@ -165,6 +168,8 @@ def make_loader(store: EpisodeStore, window: int, sampler: Sampler | int | None 
         sampler: a :class:`~mstudio.data.samplers.Sampler`: :class:`RandomWindows` (random windows),
             :class:`EpisodeContinuous` (rows that continue their episode) or your own.
         skip_frame: keep every ``skip_frame``-th frame (timestamps still count steps; see ``WindowDataset``).
+        drop_null: leave out frames flagged null (no button, camera at rest) before ``skip_frame`` applies; off
+            by default, as in MineStudio (see ``WindowDataset``).
         num_workers: worker processes.
         pin_memory: default ``torch.cuda.is_available()`` (uint8 frames go to the GPU 4x smaller than float).
         **deprecated: the old call ``make_loader(store, batch_size, window, continuous=False, seed=0,
@@ -176,12 +181,12 @@ def make_loader(store: EpisodeStore, window: int, sampler: Sampler | int | None 
 
     Raises:
         ValueError: the sampler gives no batch for epoch 0 (``batch_size`` larger than the episodes, or windows,
-            per rank), or a bad ``window`` or ``skip_frame``.
-        TypeError: ``store`` is not an :class:`EpisodeStore` (open one with ``EpisodeStore.open(path)``).
+            per rank, or every frame null with ``drop_null``), or a bad ``window`` or ``skip_frame``.
+        TypeError: ``store`` is not an :class:`EpisodeStore` or :class:`ShardedStore` (``open_store(path)``).
     """
     if sampler is None or isinstance(sampler, int) or deprecated:
         window, sampler = _legacy_sampler(window, sampler, deprecated)
-    dataset = WindowDataset(store, window, skip_frame=skip_frame)
+    dataset = WindowDataset(store, window, skip_frame=skip_frame, drop_null=drop_null)
     loader = Loader(dataset, sampler, num_workers=num_workers, pin_memory=pin_memory)
     # refuse now, not at the first batch; not cached: a process group initialised later changes the world
     _nonempty(sampler, dataset, 0, sampler.batches(dataset, 0))

@@ -32,12 +32,10 @@ refuses to open an environment twice in one process, which breaks MineStudio's `
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import av
 import lmdb
 import numpy as np
 from tqdm.auto import tqdm
@@ -48,6 +46,7 @@ from mstudio.actions.mapping import BUTTONS
 from mstudio.data.contractor_import import ENV_BUTTON_BITS, FLAG_NULL, FLAG_SEGMENT_START, ImportSummary, resize
 from mstudio.data.safe_pickle import load_pickle
 from mstudio.data.store import EpisodeStore
+from mstudio.data.video_codec import decode_frames
 
 __all__ = [
     "META_KEYS",
@@ -101,23 +100,12 @@ def decode_action_chunk(data: bytes, where: str = "action chunk") -> dict[str, n
 def decode_video_chunk(data: bytes, where: str = "video chunk") -> np.ndarray:
     """Decode one MP4 chunk from memory with PyAV: RGB uint8 ``(n, H, W, 3)`` in presentation order.
 
+    PyAV's default colour conversion and threading, as MineStudio's reader decodes.
+
     Raises:
-        ValueError: the bytes do not decode to at least one video frame.
+        ValueError: the bytes do not decode to at least one undamaged video frame.
     """
-    try:
-        with av.open(io.BytesIO(data), "r") as container:
-            if not container.streams.video:
-                raise ValueError(f"{where}: the chunk has no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    except (av.FFmpegError, OSError, EOFError) as error:
-        raise ValueError(f"{where}: the video chunk cannot be decoded ({type(error).__name__}: {error})") from None
-    if not frames:
-        raise ValueError(f"{where}: the video chunk holds no frames")
-    if len({f.shape for f in frames}) != 1:
-        raise ValueError(f"{where}: the video chunk's frames change size ({sorted({f.shape for f in frames})})")
-    return np.stack(frames)
+    return decode_frames(data, where)
 
 
 def list_environments(src: str | Path) -> dict[str, list[Path]]:

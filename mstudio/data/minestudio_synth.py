@@ -20,19 +20,18 @@ tests build damaged datasets chunk by chunk.
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import random
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import av
 import lmdb
 import numpy as np
 
 from mstudio.actions.mapping import BUTTONS
 from mstudio.data.contractor_synth import BITS, _reference_indices
+from mstudio.data.video_codec import encode_frames
 
 __all__ = [
     "CHUNK_SIZE",
@@ -108,23 +107,13 @@ def synthetic_actions(count: int, rng: random.Random, scripted: bool = False) ->
 
 def encode_video_chunk(frames: np.ndarray, fps: int = FPS) -> bytes:
     """One video chunk as MineStudio's converter writes it: an in-memory MP4 of H.264 (libx264 defaults, so
-    with B-frames), yuv420p, at the frames' own size. Encoded on one thread, so the bytes are reproducible.
+    with B-frames), yuv420p, at the frames' own size, on one encoder thread (see
+    :func:`~mstudio.data.video_codec.encode_frames` on reproducibility).
 
     Args:
         frames: uint8 ``(n, H, W, 3)`` RGB, H and W even.
     """
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("h264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
+    return encode_frames(frames, container="mp4", codec="h264", rate=fps)
 
 
 def encode_action_chunk(actions: Mapping[str, np.ndarray]) -> bytes:

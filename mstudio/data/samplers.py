@@ -135,7 +135,8 @@ class EpisodeContinuous(_BuiltinSampler):
     Episodes are shuffled with seed ``seed + epoch`` (equal on all ranks) and dealt to ranks round-robin. On a
     rank, each row takes the next unassigned episode when its current one ends (the new episode's first
     window has timestamp 0, so the train step restarts that row's memory); the epoch ends at the first batch
-    where a row finds no episode left. Every rank stops at the shortest rank's batch count.
+    where a row finds no episode left. Every rank stops at the shortest rank's batch count. An episode without
+    windows (every frame null, with ``WindowDataset(drop_null=True)``) is passed over.
 
     Args:
         batch_size: rows per batch.

@@ -35,12 +35,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from mstudio.actions import N_BUTTONS, N_CAMERA
 from mstudio.actions import camera as camera_quantizer
+from mstudio.data._base import Store, select_keys, window_bounds
 from mstudio.data._checks import DIR_NAME, as_path, check_arrays, check_index, entry_problem, image_size_of, json_object
 from mstudio.data._files import ARRAYS, open_array, save_array
 
@@ -194,7 +195,7 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class EpisodeStore:
+class EpisodeStore(Store):
     """A directory of whole episodes. Make one with :meth:`create`, open one with :meth:`open`."""
 
     def __init__(self, root: Path, manifest: dict, index: dict, checksums: bool = True):
@@ -315,20 +316,17 @@ class EpisodeStore:
         os.rename(tmp, self.root / "episodes" / name)
         return {"dir": name, "length": n, "info": info, "crc32": sums}
 
-    def read(self, episode_id: str, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
-        """Frames ``[start, stop)`` of an episode: a copy of each array's slice (no decoding).
+    def read(self, episode_id: str, start: int = 0, stop: int | None = None, *,
+             keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Frames ``[start, stop)`` of an episode: a copy of each array's slice (no decoding), for every array of
+        ``keys`` (default: all; ``("flags",)`` maps and checks only the flags file).
 
         Raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file and the episode if a
         file does not match the index, the spec or its checksum.
         """
         entry = self._entry(episode_id)
-        stop = entry["length"] if stop is None else stop
-        for name, value in (("start", start), ("stop", stop)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-        if not 0 <= start <= stop <= entry["length"]:
-            raise IndexError(f"frames [{start}, {stop}) are outside episode {episode_id!r} of {entry['length']} frames")
-        return {key: np.array(self._map(episode_id, key)[start:stop]) for key in self._spec}
+        start, stop = window_bounds(episode_id, entry["length"], start, stop)
+        return {key: np.array(self._map(episode_id, key)[start:stop]) for key in select_keys(keys, self._spec)}
 
     def _map(self, episode_id: str, key: str) -> np.ndarray:
         """The memory map of one array of an episode, checked (and its checksum verified) on first use."""

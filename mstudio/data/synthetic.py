@@ -9,6 +9,7 @@ import optree
 import torch
 
 from mstudio.actions import CAMERA_NULL, N_BUTTONS, N_CAMERA
+from mstudio.data.contractor_import import FLAG_NULL
 
 __all__ = ["fill_store", "random_batch"]
 
@@ -74,8 +75,8 @@ def fill_store(store, *, episodes: int, frames: int | tuple[int, int], seed: int
 
     Frames are random RGB at the store's size and actions random joint indices; with ``vocabulary``, every
     frame instead shows the colour of one of ``vocabulary`` fixed actions (plus noise) and records that
-    action, so a policy can learn it (the default ``mstudio train`` store). ``env_buttons``, ``env_camera``
-    and ``flags`` are zero. For tests, benchmarks and the default demo. Returns the new ids.
+    action, so a policy can learn it (the default ``mstudio train`` store). ``env_buttons`` and ``env_camera``
+    are zero; ``flags`` marks the null frames (joint buttons 0) as the importers do, so ``drop_null`` works. For tests, benchmarks and the default demo. Returns the new ids.
     """
     rng = np.random.default_rng(seed)
     low, high = (frames, frames) if isinstance(frames, int) else frames
@@ -95,7 +96,7 @@ def fill_store(store, *, episodes: int, frames: int | tuple[int, int], seed: int
             "camera": camera.astype(np.uint8),
             "env_buttons": np.zeros(n, dtype=np.uint32),
             "env_camera": np.zeros((n, 2), dtype=np.float32),
-            "flags": np.zeros(n, dtype=np.uint8),
+            "flags": ((buttons == 0) * FLAG_NULL).astype(np.uint8),
         }, {"source": "synthetic", "seed": seed, "vocabulary": vocabulary})
         ids.append(episode_id)
     return ids

@@ -8,6 +8,7 @@ import torch
 
 import losses
 from mstudio.data import EpisodeContinuous, EpisodeStore, Loader, RandomWindows, Sampler, WindowDataset
+from mstudio.data import stores
 from mstudio.data.synthetic import fill_store
 from mstudio.models import VPTPolicy
 from mstudio.optim import GradientTransformation, adamw
@@ -46,7 +47,7 @@ def open_store(config: DataConfig, image_shape: tuple[int, int, int], out: str) 
     """``config.store``, or the built-in synthetic store under ``<out>/.synthetic-<H>x<W>`` (made once)."""
     if config.store is not None:
         try:
-            store = EpisodeStore.open(config.store)
+            store = stores.open_store(config.store)  # either kind of store
         except (OSError, ValueError) as error:
             raise ConfigError(f"data.store: {error}") from error
     else:
@@ -79,7 +80,8 @@ def build_loaders(config: DataConfig, store: EpisodeStore, seed: int) -> tuple[L
                           "episodes leaves none to train on; hold out fewer (0: no validation)")
     held_out = config.val_episodes
     train_ids, val_ids = episodes[: len(episodes) - held_out], episodes[len(episodes) - held_out:]
-    train = Loader(WindowDataset(store, config.window, train_ids, skip_frame=config.skip_frame),
+    train = Loader(WindowDataset(store, config.window, train_ids, skip_frame=config.skip_frame,
+                                 drop_null=config.drop_null),
                    build_sampler(config, seed), num_workers=config.num_workers)
     if len(train) == 0:
         raise ConfigError(f"data: {len(train_ids)} training episodes (windows of {config.window} steps) make no "
@@ -87,7 +89,8 @@ def build_loaders(config: DataConfig, store: EpisodeStore, seed: int) -> tuple[L
                           "episodes or fewer rows")
     if not val_ids:
         return train, None
-    val = Loader(WindowDataset(store, config.window, val_ids, skip_frame=config.skip_frame),
+    val = Loader(WindowDataset(store, config.window, val_ids, skip_frame=config.skip_frame,
+                               drop_null=config.drop_null),
                  RandomWindows(config.batch_size, seed=seed, shuffle=False))
     if len(val) == 0:
         raise ConfigError(f"data.val_episodes: {len(val_ids)} episodes make no batch of batch_size "

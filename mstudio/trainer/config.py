@@ -3,7 +3,7 @@
 A config file has one table per part (every key optional; the defaults train VPT ``tiny`` with behaviour
 cloning on a built-in synthetic store)::
 
-    [data]        store, window, batch_size, sampler, skip_frame, num_workers, val_episodes
+    [data]        store, window, batch_size, sampler, skip_frame, drop_null, num_workers, val_episodes
     [policy]      preset, weights
     [objectives]  behavior_clone = 1.0, kl_gaussian = 0.5     (name = weight)
     [optimizer]   lr, weight_decay, warmup_steps, clip_norm, betas, eps
@@ -48,6 +48,9 @@ class DataConfig:
     """``"continuous"`` (episode-continuous rows, memory carried; MineStudio's sampler) or ``"random"``."""
     skip_frame: int = 1
     """Take every ``skip_frame``-th frame."""
+    drop_null: bool = False
+    """Leave out frames flagged null (no button, camera at rest; VPT drops them) before ``skip_frame`` applies;
+    off by default, as in MineStudio (``mstudio.data.WindowDataset`` has the details)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     val_episodes: int = 2

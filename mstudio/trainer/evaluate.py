@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mstudio.data import EpisodeStore, Loader, WindowDataset
+from mstudio.data import EpisodeStore, Loader, Store, WindowDataset, open_store
 from mstudio.train import TrainState, init_state
 from mstudio.train.evaluate import evaluate
 from mstudio.trainer import build
@@ -46,7 +46,8 @@ def _eval_loader(config: TrainConfig, store: EpisodeStore) -> Loader:
     # Episode-continuous rows carry memory from window to window, as in training; shuffle=False makes the
     # result independent of the run's seed.
     sampler = build.build_sampler(data, seed, shuffle=False)
-    loader = Loader(WindowDataset(store, data.window, store.episode_ids, skip_frame=data.skip_frame), sampler)
+    loader = Loader(WindowDataset(store, data.window, store.episode_ids, skip_frame=data.skip_frame,
+                                  drop_null=data.drop_null), sampler)
     if len(loader) == 0:
         raise ValueError(f"{store.root}: its {len(store.episode_ids)} episodes make no batch of batch_size "
                          f"{data.batch_size} and window {data.window} with sampler {data.sampler!r}")
@@ -68,9 +69,10 @@ def evaluate_checkpoint(path: str | os.PathLike[str], store: str | os.PathLike[s
 
     The policy and objective are rebuilt from the config in the checkpoint's meta (a pretrained run needs its
     ``policy.weights`` folder for the architecture). Every episode of ``store`` is used, windowed and batched as
-    the run's config says (``data.window``, ``data.batch_size``, ``data.skip_frame``, ``data.sampler``), in a
-    fixed order; each batch goes through :func:`mstudio.train.evaluate.make_eval_step` with the EMA weights when
-    the run kept them, and a memory that starts empty and is carried across windows of the same episode.
+    the run's config says (``data.window``, ``data.batch_size``, ``data.skip_frame``, ``data.drop_null``,
+    ``data.sampler``), in a fixed order; each batch goes through :func:`mstudio.train.evaluate.make_eval_step`
+    with the EMA weights when the run kept them, and a memory that starts empty and is carried across windows
+    of the same episode.
 
     Args:
         path: a checkpoint directory (``<run>/checkpoints/step_<N>``) or a run directory (its newest checkpoint).
@@ -95,7 +97,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], store: str | os.PathLike[s
         raise ValueError(f"{checkpoint / 'meta.json'} has no 'config' object in its meta, so the policy to evaluate "
                          "is unknown: evaluate a checkpoint the Trainer wrote")
     config = config_from_dict(meta["config"])
-    store = store if isinstance(store, EpisodeStore) else EpisodeStore.open(store)
+    store = store if isinstance(store, Store) else open_store(store)
     # Building the policy reseeds the global RNG and each DataLoader iteration draws from it: keep the caller's.
     with torch.random.fork_rng(devices=[]):
         policy, state = _load_state(checkpoint, config)

@@ -33,7 +33,8 @@ def _refused(section: str, key: str, value: Any, *fragments: str, name: str = ""
 WRONG_TYPES = [
     ("data", "store", 5, "str"), ("data", "window", "16", "int"), ("data", "batch_size", 2.5, "int"),
     ("data", "sampler", 1, "str"), ("data", "skip_frame", True, "int"), ("data", "num_workers", None, "int"),
-    ("data", "val_episodes", [1], "int"), ("policy", "preset", 1, "str"), ("policy", "weights", True, "str"),
+    ("data", "val_episodes", [1], "int"), ("data", "drop_null", 1, "bool"), ("policy", "preset", 1, "str"),
+    ("policy", "weights", True, "str"),
     ("optimizer", "lr", "1e-3", "float"), ("optimizer", "weight_decay", True, "float"),
     ("optimizer", "warmup_steps", 1.5, "int"), ("optimizer", "clip_norm", "1", "float"),
     ("optimizer", "betas", 0.9, "a list of 2"), ("optimizer", "betas", [0.9], "a list of 2"),

@@ -162,6 +162,8 @@ CASES = [
     _l("window-longer-than-episodes", loader(50), ok(1)),
     _l("skip-frame-zero", loader(skip_frame=0), Refused(ValueError, "skip_frame", ">= 1", "0")),
     _l("skip-frame-float", loader(skip_frame=1.5), Refused(TypeError, "skip_frame", "integer", "1.5")),
+    _l("drop-null-int", loader(drop_null=1), Refused(TypeError, "drop_null", "bool", "1")),
+    _l("drop-null-string", loader(drop_null="False"), Refused(TypeError, "drop_null", "bool", "'False'")),
     _l("num-workers-negative", loader(num_workers=-1), Refused(ValueError, "num_workers", ">= 0", "-1")),
     _l("num-workers-string", loader(num_workers="2"), Refused(TypeError, "num_workers", "integer", "'2'")),
 

@@ -421,13 +421,13 @@ def check_zeroed_reported(key: str) -> Callable[[Any, Path], None]:
 
 
 def old_store_verify(tmp: Path) -> str:
-    """A store written before checksums: opens, reads, and store-verify passes with an info line."""
+    """A store written before checksums: opens, reads, and `store verify` passes with an info line."""
     make(tmp)
     legacy(tmp)
     assert read_all(tmp).verify() == []
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["store-verify", str(root(tmp))])
+        code = main(["store", "verify", str(root(tmp))])
     assert code == 0, (code, out.getvalue())
     return out.getvalue()
 

@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import optree
 import pytest
 import torch
 
 from mstudio.data import (EpisodeContinuous, EpisodeStore, Loader, RandomWindows, WindowDataset, fill_store,
                           make_loader)
+from tests.support.episodes import append_flagged
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,34 @@ def test_resume_gives_the_batches_of_an_uninterrupted_run(store, make):
         assert state == {"epoch": stop // per_epoch, "batch": stop % per_epoch}
         resumed = make_loader(store, 8, make())
         resumed.load_state_dict(state)
+        assert_same(head + take(resumed, len(uninterrupted) - stop), uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def flagged(tmp_path_factory):
+    """10 episodes with null frames flagged (about a third), one of them all null."""
+    store = EpisodeStore.create(tmp_path_factory.mktemp("d") / "f", image_size=(4, 4))
+    rng = np.random.default_rng(3)
+    for i in range(10):
+        n = int(rng.integers(5, 60))
+        append_flagged(store, f"e{i}", np.ones(n, bool) if i == 6 else rng.random(n) < 0.35, i, rng)
+    return store
+
+
+@pytest.mark.parametrize("make", [lambda: EpisodeContinuous(3, seed=5), lambda: RandomWindows(4, seed=2)])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_with_drop_null_is_exact(flagged, make, num_workers):
+    options = dict(skip_frame=2, drop_null=True)
+    reference = make_loader(flagged, 6, make(), **options)
+    per_epoch = len(reference)
+    uninterrupted = take(reference, 2 * per_epoch + 1)
+    for batch in uninterrupted:  # the filter is on: every real step is a non-null frame
+        assert (batch["agent_action"]["buttons"][batch["mask"].bool()] != 0).all()
+    for stop in (1, per_epoch + 2):
+        first = make_loader(flagged, 6, make(), num_workers=num_workers, **options)
+        head = take(first, stop)
+        resumed = make_loader(flagged, 6, make(), num_workers=num_workers, **options)
+        resumed.load_state_dict(first.state_dict())
         assert_same(head + take(resumed, len(uninterrupted) - stop), uninterrupted)
 
 

@@ -2,11 +2,13 @@
 
 import socket
 
+import numpy as np
 import pytest
 import torch
 
 from mstudio.data import (EpisodeContinuous, EpisodeContinuousBatchSampler, EpisodeStore, RandomWindows, Sampler,
                           WindowDataset, fill_store)
+from tests.support.episodes import append_flagged
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,32 @@ def test_episode_continuous_matches_the_reference_rule(data, batch_size, num_rep
         for rank in range(num_replicas):
             sampler = EpisodeContinuous(batch_size, seed=7, num_replicas=num_replicas, rank=rank)
             assert sampler.batches(data, epoch) == reference_continuous(data, batch_size, order, num_replicas, rank)
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory):
+    """drop_null windows of 12 episodes; episodes 1, 4, 7, 10 are all null, so they have no window."""
+    store = EpisodeStore.create(tmp_path_factory.mktemp("d") / "f", image_size=(2, 2))
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        n = int(rng.integers(3, 40))
+        append_flagged(store, f"e{i}", np.ones(n, bool) if i % 3 == 1 else rng.random(n) < 0.5, i, rng)
+    return WindowDataset(store, window=4, drop_null=True)
+
+
+@pytest.mark.parametrize("batch_size, num_replicas", [(1, 1), (3, 1), (2, 2), (4, 2)])
+def test_episodes_without_windows_are_passed_over(filtered, batch_size, num_replicas):
+    assert [i for i, count in enumerate(filtered.windows_per_episode) if count == 0] == [1, 4, 7, 10]
+    for epoch in (0, 1):
+        order = torch.randperm(12, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        for rank in range(num_replicas):
+            sampler = EpisodeContinuous(batch_size, seed=7, num_replicas=num_replicas, rank=rank)
+            batches = sampler.batches(filtered, epoch)
+            assert batches == reference_continuous(filtered, batch_size, order, num_replicas, rank)
+            assert all(len(batch) == batch_size for batch in batches)
+    assert len(EpisodeContinuous(1, seed=7).batches(filtered, 0)) == len(filtered)  # one row reads every window
+    windows = [i for batch in RandomWindows(1, seed=7).batches(filtered, 0) for i in batch]
+    assert sorted(windows) == list(range(len(filtered)))
 
 
 def rows_of(batches, data):

@@ -95,3 +95,13 @@ def test_fill_store_makes_valid_episodes(tmp_path):
     ids += fill_store(store, episodes=2, frames=5, seed=1)
     assert store.episode_ids == ids and len(set(ids)) == 5
     assert all(4 <= store.length(e) <= 9 for e in ids)
+
+
+def test_fill_store_flags_null_frames_as_the_importers_do(tmp_path):
+    # joint buttons index 0 is drawn once in 8641 frames: 30k one-pixel frames hold a few (seed 0: five)
+    store = EpisodeStore.create(tmp_path / "s", image_size=(1, 1))
+    (episode,) = fill_store(store, episodes=1, frames=30_000, seed=0)
+    arrays = store.read(episode)
+    null = arrays["buttons"] == 0
+    assert null.sum() >= 1
+    np.testing.assert_array_equal(arrays["flags"], null.astype(np.uint8))

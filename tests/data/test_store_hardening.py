@@ -220,19 +220,19 @@ def test_verify_reports_wrong_lengths_and_a_missing_episode_dir(tmp_path):
 def test_cli_store_verify(tmp_path, capsys):
     store = EpisodeStore.create(tmp_path / "s", SIZE)
     store.append("a", tiny())
-    assert main(["store-verify", str(tmp_path / "s")]) == 0
+    assert main(["store", "verify", str(tmp_path / "s")]) == 0
     assert capsys.readouterr().out == "ok\n"
     _crashed_store(tmp_path / "t")
-    assert main(["store-verify", str(tmp_path / "t" / "s")]) == 1
+    assert main(["store", "verify", str(tmp_path / "t" / "s")]) == 1
     assert "episodes/7: episode directory" in capsys.readouterr().out
-    assert main(["store-verify", str(tmp_path / "t" / "s"), "--repair"]) == 0
+    assert main(["store", "verify", str(tmp_path / "t" / "s"), "--repair"]) == 0
     out = capsys.readouterr().out
     assert out.count("(removed)") == 3 and out.endswith("ok\n")
     (tmp_path / "t" / "s" / "episodes" / "1" / "frames.npy").unlink()
-    assert main(["store-verify", str(tmp_path / "t" / "s"), "--repair"]) == 1
+    assert main(["store", "verify", str(tmp_path / "t" / "s"), "--repair"]) == 1
     assert "episodes/1/frames.npy: episode 'b': missing" in capsys.readouterr().out
     (tmp_path / "s" / "index.json").write_text("[")
-    assert main(["store-verify", str(tmp_path / "s")]) == 2
+    assert main(["store", "verify", str(tmp_path / "s")]) == 2
     assert "index.json is not valid JSON" in capsys.readouterr().err
 
 
@@ -265,7 +265,7 @@ def test_a_store_written_before_checksums_still_opens_and_verifies(tmp_path, cap
     assert (old.read("a")["frames"] == 1).all() and old.verify() == [] and old.episodes_without_checksums() == ["a"]
     old.append("b", tiny(2, 2))  # new episodes get checksums
     assert EpisodeStore.open(tmp_path / "s").episodes_without_checksums() == ["a"]
-    assert main(["store-verify", str(tmp_path / "s")]) == 0
+    assert main(["store", "verify", str(tmp_path / "s")]) == 0
     assert "info: no checksum recorded for 1 of 2 episodes" in capsys.readouterr().out
 
 
