@@ -166,14 +166,23 @@ def _fmt(value: float | None) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
-    """Train a policy (defaults: VPT tiny, behaviour cloning, a built-in synthetic store under ./runs/)."""
-    trainer = _make_trainer(args)
-    print(f"run directory: {trainer.run_dir}", flush=True)
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        return 130  # the Trainer saved a checkpoint and said how to resume
+    """Train a policy (defaults: VPT tiny, behaviour cloning, a built-in synthetic store under ./runs/); under
+    torchrun --nproc_per_node=N, data-parallel on N processes (data.batch_size rows each; rank 0 writes)."""
+    from mstudio.distributed import shutdown_distributed
 
+    try:  # the Trainer joins torchrun's process group; leave it however the run ends
+        trainer = _make_trainer(args)
+        lead = trainer.world.rank == 0
+        if lead:
+            print(f"run directory: {trainer.run_dir}", flush=True)
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:
+            return 130  # the Trainer said how to resume (and saved a checkpoint when alone)
+    finally:
+        shutdown_distributed()
+    if not lead:
+        return 0
     print(f"run directory: {result['run_dir']}")
     print(f"done: {result['steps']} steps in {result['seconds']:.1f} s; train loss {_fmt(result['first_loss'])} -> "
           f"{_fmt(result['last_loss'])}; val loss {_fmt(result['val'].get('loss'))}; "

@@ -38,6 +38,7 @@ __all__ = [
     "REPLICATED_FIELDS",
     "VPT_SHARD_UNITS",
     "World",
+    "broadcast_from_rank_zero",
     "check_replicas",
     "check_same_across_ranks",
     "collective_failures",
@@ -382,17 +383,42 @@ def reduce_metrics(metrics: Mapping[str, float | Tensor], *,
 
 @contextlib.contextmanager
 def rank_zero_first(*, group: dist.ProcessGroup | None = None) -> Iterator[None]:
-    """Run the block on rank 0 first, then on the other ranks together (two barriers): for work that makes
-    something on a shared disk the others then read, such as the built-in synthetic store. A plain block without
-    a process group."""
+    """Run the block on rank 0 first, then on the other ranks together: for work that makes something on a shared
+    disk the others then read, such as the built-in synthetic store. A plain block without a process group.
+
+    Rank 0 tells the others how its block ended (one small broadcast): when it raised, the other ranks raise a
+    ``RuntimeError`` quoting its error at once, instead of waiting for the process group's timeout and running
+    the block on what rank 0 left half made.
+    """
     if not is_distributed():
         yield
         return
     if dist.get_rank(group) != 0:
-        dist.barrier(group=group)
-    yield
-    if dist.get_rank(group) == 0:
-        dist.barrier(group=group)
+        failure = _broadcast_from_rank_zero(None, group)
+        if failure is not None:
+            raise RuntimeError(f"rank {dist.get_rank(group)}: rank 0 failed in the work it does first, so this rank "
+                               f"stops too: {failure}")
+        yield
+        return
+    try:
+        yield
+    except BaseException as error:
+        _broadcast_from_rank_zero(f"{type(error).__name__}: {error}", group)
+        raise
+    _broadcast_from_rank_zero(None, group)
+
+
+def _broadcast_from_rank_zero(value: Any, group: dist.ProcessGroup | None) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank of ``group``."""
+    box = [value]
+    dist.broadcast_object_list(box, group_src=0, group=group)
+    return box[0]
+
+
+def broadcast_from_rank_zero(value: Any, *, group: dist.ProcessGroup | None = None) -> Any:
+    """Rank 0's ``value`` (a picklable object, such as a run name rank 0 chose) on every rank; ``value`` itself
+    without a process group. Every rank must call it (the others' ``value`` is ignored)."""
+    return _broadcast_from_rank_zero(value, group) if is_distributed() else value
 
 
 _FAILURE_SIGNS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe")
@@ -407,6 +433,8 @@ def collective_failures(what: str) -> Iterator[None]:
     """
     try:
         yield
+    except CollectiveFailure:
+        raise  # already says which rank and what (a nested block)
     except RuntimeError as error:
         text = str(error).lower()
         if not is_distributed() or not (isinstance(error, dist.DistError) or any(s in text for s in _FAILURE_SIGNS)):

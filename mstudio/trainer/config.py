@@ -9,6 +9,7 @@ cloning on a built-in synthetic store)::
     [optimizer]   lr, weight_decay, warmup_steps, clip_norm, betas, eps
     [run]         name, out, max_steps, log_every, val_every, val_batches, ckpt_every, keep_checkpoints,
                   ema_decay, compile, seed
+    [distributed] timeout, check_replicas_every           (data-parallel runs under torchrun)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Mapping
 from mstudio._names import unknown_names
 from mstudio.models.vpt.config import VPTConfig
 
-__all__ = ["OBJECTIVES", "ConfigError", "DataConfig", "OptimizerConfig", "PolicyConfig", "RunConfig", "TrainConfig",
+__all__ = ["OBJECTIVES", "ConfigError", "DataConfig", "DistributedConfig", "OptimizerConfig", "PolicyConfig", "RunConfig", "TrainConfig",
            "config_from_dict", "load_config", "read_config_table"]
 
 #: Objectives a config may name, with the ``losses`` function each stands for.
@@ -43,7 +44,7 @@ class DataConfig:
     window: int = 16
     """``T``: steps per window."""
     batch_size: int = 4
-    """``B``: rows per batch."""
+    """``B``: rows per batch on each rank (under ``torchrun --nproc_per_node=N`` a step trains on ``N * B`` rows)."""
     sampler: str = "continuous"
     """``"continuous"`` (episode-continuous rows, memory carried; MineStudio's sampler) or ``"random"``."""
     skip_frame: int = 1
@@ -117,6 +118,17 @@ class ResearchConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    timeout: float = 600.0
+    """Seconds a collective waits for the other ranks before it fails, so that a rank that died or hangs stops the
+    others with an error; it must exceed how far ranks drift apart (the first step's compilation, a checkpoint
+    written by rank 0 alone). Ignored in a single process."""
+    check_replicas_every: int = 0
+    """Debug: every this many steps check that parameters and optimizer state are bit-identical on every rank (an
+    error names the first tensor that differs); 0: only at the first step."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -125,6 +137,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     research: ResearchConfig = field(default_factory=ResearchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (TOML- and JSON-able; ``None`` values left out, as TOML has no null)."""
@@ -194,7 +207,8 @@ def _validate(config: TrainConfig) -> None:
     for where, value in (("data.num_workers", data.num_workers), ("data.val_episodes", data.val_episodes),
                          ("run.val_every", run.val_every), ("run.ckpt_every", run.ckpt_every),
                          ("optimizer.warmup_steps", opt.warmup_steps), ("run.seed", run.seed),
-                         ("research.every", config.research.every)):
+                         ("research.every", config.research.every),
+                         ("distributed.check_replicas_every", config.distributed.check_replicas_every)):
         _check(value >= 0, where, "an integer >= 0", value)
     _check(data.sampler in ("continuous", "random"), "data.sampler", "one of ['continuous', 'random']", data.sampler)
     _check(config.policy.preset in VPTConfig.preset_names(), "policy.preset", f"one of {sorted(VPTConfig.preset_names())}",
@@ -204,6 +218,8 @@ def _validate(config: TrainConfig) -> None:
     _check(opt.clip_norm is None or opt.clip_norm > 0, "optimizer.clip_norm", "a number > 0", opt.clip_norm)
     _check(all(0 <= b < 1 for b in opt.betas), "optimizer.betas", "two numbers in [0, 1)", list(opt.betas))
     _check(0 < opt.eps < float("inf"), "optimizer.eps", "a finite number > 0", opt.eps)
+    _check(0 < config.distributed.timeout < float("inf"), "distributed.timeout", "a finite number of seconds > 0",
+           config.distributed.timeout)
     _check(run.ema_decay is None or 0 <= run.ema_decay < 1, "run.ema_decay", "a number in [0, 1)", run.ema_decay)
     _check(run.seed < 2**64, "run.seed", "an integer >= 0 and < 2**64 (torch.manual_seed's range)", run.seed)
     _check(run.name is None or _is_directory_name(run.name), "run.name",
@@ -231,7 +247,7 @@ def config_from_dict(table: Mapping[str, Any]) -> TrainConfig:
     if not isinstance(table, Mapping):
         raise ConfigError(f"a config must be a table, got {type(table).__name__}")
     parts = {"data": DataConfig, "policy": PolicyConfig, "optimizer": OptimizerConfig, "run": RunConfig,
-             "research": ResearchConfig}
+             "research": ResearchConfig, "distributed": DistributedConfig}
     _check_known(table, [*parts, "objectives"], "unknown table(s)")
     built = {name: _build(cls, table.get(name, {}), name) for name, cls in parts.items()}
     objectives = table.get("objectives", {"behavior_clone": 1.0})

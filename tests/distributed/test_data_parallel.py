@@ -1,6 +1,7 @@
 """Data parallelism on 2 CPU processes (gloo), spawned by the tests: the same training as one process with all
 rows (eager, and compiled as one graph), each rank's memory following its own rows, identical replicas, one
-non-finite verdict for all ranks, no hang when a rank dies or hangs, and FSDP2 sharding of a policy.
+non-finite verdict for all ranks, no hang when a rank dies or hangs, FSDP2 sharding of a policy, and why the
+pure step cannot call a ``fully_shard``-ed module through ``functional_call``.
 
 Each test starts 2 fresh processes (3-10 s on 2 cores); the compiled one compiles on both ranks (2-3 min).
 What the ranks run is in ``workers.py``; ``spawn.py`` starts them.
@@ -146,3 +147,19 @@ def test_shard_policy_shards_parameters_and_averages_gradients_across_ranks():
         md.shard_policy(policy, units=("ResidualRecurrentBlock",))
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         md.shard_policy(policy, units=("GRUCell",))
+
+
+@pytest.mark.slow  # 2 spawned ranks: 20-30 s on 2 loaded cores
+def test_functional_call_bypasses_fully_shard_and_gathered_shards_average_gradients():
+    # functional_call on a fully_shard-ed module: FSDP2's hooks put the module's own gathered parameters in place of
+    # the root's given ones, so those get no gradient (the module's own do): the pure step cannot call it so
+    rank0, _ = check_ok(run_ranks(workers.fsdp_and_functional_call, 2, timeout=120))
+    assert rank0["module_with_grad"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert "2.weight" not in rank0["given_with_grad"]
+    # an unsharded module called with gathered shards: the gradient of one process on all rows, averaged over ranks
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    plain.load_state_dict(rank0["initial"])
+    rows = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    (plain(rows).sum() / 2).backward()
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(rank0["gathered_grads"][name], p.grad, rtol=1e-6, atol=1e-7, msg=name)

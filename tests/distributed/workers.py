@@ -161,3 +161,61 @@ def fsdp_gradients(rank: int, world_size: int) -> dict:
     local = {name: tuple(p.to_local().shape) for name, p in policy.named_parameters()}
     return {"grads": {name: p.grad.full_tensor() for name, p in policy.named_parameters() if p.grad is not None},
             "local_shapes": local}
+
+
+def trainer_checks(rank: int, world_size: int, store: str, out: str) -> dict:
+    """A data-parallel Trainer on ``store``: the run name rank 0 chose, then rank 1's parameters nudged after one
+    step, which the every-step replica check must name; then a Trainer whose store is missing, which rank 0 alone
+    opens (``rank_zero_first``): every rank must fail at once."""
+    from mstudio.trainer import Trainer, config_from_dict
+    from mstudio.trainer.loop import _Silent
+
+    table = {"data": {"store": store, "batch_size": 2, "window": 4, "val_episodes": 1},
+             "run": {"out": out, "compile": False, "max_steps": 4, "log_every": 1},
+             "distributed": {"check_replicas_every": 1, "timeout": 30.0}}
+    trainer = Trainer(config_from_dict(table))
+    result = {"run_dir": str(trainer.run_dir), "world": tuple(trainer.world[:3])}
+    trainer.train(1, _Silent())
+    if rank == 1:
+        params = dict(trainer.state.params)
+        params["net.final_ln.bias"] = params["net.final_ln.bias"] + 1e-3
+        trainer.state = trainer.state._replace(params=params)
+    try:
+        trainer.train(1, _Silent())
+    except ValueError as error:
+        result["replicas"] = str(error)
+    start = time.perf_counter()
+    try:
+        Trainer(config_from_dict({**table, "data": {**table["data"], "store": store + "-missing"}}))
+    except Exception as error:  # noqa: BLE001 - the test reads its type and text
+        result["missing_store"] = (type(error).__name__, str(error), time.perf_counter() - start)
+    return result
+
+
+def fsdp_and_functional_call(rank: int, world_size: int) -> dict:
+    """Why the pure step does not take a ``fully_shard``-ed policy yet, and what would work instead.
+
+    ``functional_call`` on the sharded module with copies of its DTensor parameters: which copies get a gradient.
+    Then an unsharded copy of the module called with each shard gathered by ``redistribute(Replicate)`` and
+    ``to_local(grad_placements=[Partial("avg")])``: the gradients, as full tensors, on this rank's rows."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Partial, Replicate
+
+    torch.manual_seed(0)
+    sharded = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    plain.load_state_dict(sharded.state_dict())
+    fully_shard(sharded[0])
+    fully_shard(sharded)
+    rows = torch.randn(4, 4, generator=torch.Generator().manual_seed(1))[2 * rank:2 * rank + 2]
+    given = {name: p.detach().clone().requires_grad_() for name, p in sharded.named_parameters()}
+    torch.func.functional_call(sharded, given, (rows,)).sum().backward()
+    shards = {name: p.detach().clone().requires_grad_() for name, p in sharded.named_parameters()}
+    full = {name: s.redistribute(placements=[Replicate()]).to_local(grad_placements=[Partial("avg")])
+            for name, s in shards.items()}
+    torch.func.functional_call(plain, full, (rows,)).sum().backward()
+    return {"given_with_grad": sorted(name for name, p in given.items() if p.grad is not None),
+            "module_with_grad": sorted(name for name, p in sharded.named_parameters() if p.grad is not None),
+            "gathered_grads": {name: s.grad.full_tensor() for name, s in shards.items()},
+            "initial": plain.state_dict()}

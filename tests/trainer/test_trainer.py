@@ -3,6 +3,7 @@
 Every run is tiny and eager (VPT ``tiny``, B=2, T=4, ``run.compile = false``) on CPU.
 """
 
+import json
 import shutil
 import tomllib
 from pathlib import Path
@@ -18,6 +19,7 @@ from mstudio.models import VPTPolicy
 from mstudio.models.vpt.config import VPTConfig
 from mstudio.trainer import ConfigError, Trainer, config_from_dict, load_config
 from mstudio.trainer.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_meta
+from mstudio.trainer.toml import dump_toml
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "finetune_vpt.toml"
@@ -219,3 +221,19 @@ def test_exported_policy_loads_back_and_fine_tunes(tmp_path, store):
     second = Trainer(config_from_dict(table))
     assert_trees_equal(second.state.params, {name: expected[name] for name in second.state.params})
     assert second.fit()["steps"] == 2
+
+
+def test_a_checkpoint_from_before_newer_config_keys_resumes(tmp_path, store):
+    # an older mstudio wrote meta.json and config.toml without data.drop_null and the [distributed] table: they
+    # take their defaults, which is how that run trained, so the resume is no config change
+    Trainer(config_from_dict(tiny(tmp_path, "old", store, max_steps=2, ckpt_every=2))).fit()
+    meta_path = latest_checkpoint(tmp_path / "old") / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["meta"]["config"]["data"]["drop_null"], meta["meta"]["config"]["distributed"]
+    meta_path.write_text(json.dumps(meta))
+    config_path = tmp_path / "old" / "config.toml"
+    table = tomllib.loads(config_path.read_text())
+    del table["data"]["drop_null"], table["distributed"]
+    config_path.write_text(dump_toml(table))
+    resumed = Trainer.resume(tmp_path / "old", max_steps=3)
+    assert int(resumed.state.step) == 2
