@@ -9,7 +9,7 @@ cloning on a built-in synthetic store)::
     [optimizer]   lr, weight_decay, warmup_steps, clip_norm, betas, eps
     [run]         name, out, max_steps, log_every, val_every, val_batches, ckpt_every, keep_checkpoints,
                   ema_decay, compile, seed
-    [distributed] timeout, check_replicas_every           (data-parallel runs under torchrun)
+    [distributed] timeout, check_replicas_every, shard    (data-parallel runs under torchrun)
 """
 
 from __future__ import annotations
@@ -126,6 +126,11 @@ class DistributedConfig:
     check_replicas_every: int = 0
     """Debug: every this many steps check that parameters and optimizer state are bit-identical on every rank (an
     error names the first tensor that differs); 0: only at the first step."""
+    shard: bool = False
+    """Keep parameters, EMA and Adam moments sharded across ranks between steps (``Shard(0)`` DTensors,
+    :mod:`mstudio.train.sharded`: ``1 / world_size`` of the train state per rank; the whole model is gathered for
+    each forward/backward). Eager only (``run.compile = false``). Checkpoints hold the full state as without it, so
+    a run may resume with or without sharding. Ignored in a single process."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,9 @@ def _validate(config: TrainConfig) -> None:
     _check(0 < opt.eps < float("inf"), "optimizer.eps", "a finite number > 0", opt.eps)
     _check(0 < config.distributed.timeout < float("inf"), "distributed.timeout", "a finite number of seconds > 0",
            config.distributed.timeout)
+    _check(not (config.distributed.shard and run.compile), "distributed.shard",
+           "false when run.compile = true (the sharded step runs eagerly: set run.compile = false)",
+           config.distributed.shard)
     _check(run.ema_decay is None or 0 <= run.ema_decay < 1, "run.ema_decay", "a number in [0, 1)", run.ema_decay)
     _check(run.seed < 2**64, "run.seed", "an integer >= 0 and < 2**64 (torch.manual_seed's range)", run.seed)
     _check(run.name is None or _is_directory_name(run.name), "run.name",

@@ -37,6 +37,7 @@ from mstudio.distributed import (
 from mstudio.research import diagnose
 from mstudio.train import init_state, make_train_step
 from mstudio.train.evaluate import evaluate
+from mstudio.train.sharded import make_sharded_train_step, shard_state, state_mesh, unshard_state
 from mstudio.trainer import build
 from mstudio.trainer.checkpoint import (
     atomic_path,
@@ -60,9 +61,10 @@ def _to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, values))
 
 
-# What a resumed run may change: how long it runs, where its directory now is, and how ranks wait and check.
+# What a resumed run may change: how long it runs, where its directory now is, how ranks wait and check, and
+# whether they shard the state (checkpoints hold the full state either way).
 _MAY_CHANGE_ON_RESUME = {("run", "max_steps"), ("run", "out"), ("run", "name"), ("distributed", "timeout"),
-                         ("distributed", "check_replicas_every")}
+                         ("distributed", "check_replicas_every"), ("distributed", "shard")}
 
 
 def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -153,8 +155,14 @@ class Trainer:
         self.optimizer = build.build_optimizer(config.optimizer)
         self.state = init_state(self.policy, self.optimizer, config.data.batch_size, objective=self.objective,
                                 ema=run.ema_decay is not None)
-        self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
-                                    ema_decay=run.ema_decay, data_parallel=self.world.size > 1)
+        # distributed.shard: parameters, EMA and Adam moments sharded across ranks between steps (eager)
+        self._mesh = state_mesh() if config.distributed.shard and self.world.size > 1 else None
+        if self._mesh is not None:
+            self.step = make_sharded_train_step(self.policy, self.objective, self.optimizer, ema_decay=run.ema_decay)
+            self.state = shard_state(self.state, self._mesh)
+        else:
+            self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
+                                        ema_decay=run.ema_decay, data_parallel=self.world.size > 1)
         self._diagnose = self._diagnostics() if config.research.every else None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -176,15 +184,20 @@ class Trainer:
             table["run"]["max_steps"] = max_steps
         return cls(config_from_dict(table), resume=True)
 
+    def _full_state(self) -> Any:
+        """``self.state`` with full tensors: sharded (``distributed.shard``), gathered, so every rank must call it."""
+        return self.state if self._mesh is None else unshard_state(self.state)
+
     def _checkpoint_tree(self) -> dict[str, Any]:
-        """The train state and the RNG state. Data-parallel, every rank must call it (an all-gather): the state's
-        per-rank fields (memory carry, last timestamps) and the RNG state then hold every rank's, stacked over
-        ranks (``[world_size, ...]``); its other fields are equal on every rank."""
+        """The train state (full, also when sharded) and the RNG state. Data-parallel, every rank must call it (an
+        all-gather): the state's per-rank fields (memory carry, last timestamps) and the RNG state then hold every
+        rank's, stacked over ranks (``[world_size, ...]``); its other fields are equal on every rank."""
+        state = self._full_state()
         if self.world.size == 1:
-            return {"state": self.state, "rng": torch.get_rng_state()}
-        every = gather_per_rank({"rows": {f: getattr(self.state, f) for f in PER_RANK_FIELDS},
+            return {"state": state, "rng": torch.get_rng_state()}
+        every = gather_per_rank({"rows": {f: getattr(state, f) for f in PER_RANK_FIELDS},
                                  "rng": torch.get_rng_state()})
-        return {"state": self.state._replace(**every["rows"]), "rng": every["rng"]}
+        return {"state": state._replace(**every["rows"]), "rng": every["rng"]}
 
     def _resumable_checkpoint(self) -> Path:
         """The run's newest checkpoint, after checking that its meta holds a loader position and this config.
@@ -227,7 +240,7 @@ class Trainer:
         if self.world.size > 1:  # this rank's own rows of the per-rank fields
             own = take_own_rank({"rows": {f: getattr(state, f) for f in PER_RANK_FIELDS}, "rng": rng})
             state, rng = state._replace(**own["rows"]), own["rng"]
-        self.state = state
+        self.state = state if self._mesh is None else shard_state(state, self._mesh)
         torch.set_rng_state(rng)
         if self.world.rank == 0:
             print(f"resumed {self.run_dir} at step {int(self.state.step)} from {path}")
@@ -265,7 +278,7 @@ class Trainer:
             return {}
         self.val_loader.load_state_dict({"epoch": 0, "batch": 0})  # the same batches every time
         batches = itertools.islice(self.val_loader, self.config.run.val_batches)
-        return reduce_metrics(evaluate(self.policy, self.objective, self.state, batches, use_ema=True))
+        return reduce_metrics(evaluate(self.policy, self.objective, self._full_state(), batches, use_ema=True))
 
     def fit(self) -> dict[str, Any]:
         """Train up to ``run.max_steps``, then export the policy (the EMA weights when kept).
@@ -290,9 +303,10 @@ class Trainer:
             writer.close()
             self._interrupted()
             raise
+        full = self._full_state()  # every rank: gathering a sharded state is a collective
         if lead:
-            params = self.state.ema if self.state.ema is not None else self.state.params
-            export_policy(self.run_dir / "policy.safetensors", {**params, **self.state.buffers},
+            params = full.ema if full.ema is not None else full.params
+            export_policy(self.run_dir / "policy.safetensors", {**params, **full.buffers},
                           build.policy_config(self.policy))
         writer.close()
         if is_distributed():
@@ -344,14 +358,14 @@ class Trainer:
         while step < stop:
             batch = next(self._batch_stream)
             if every and step % every == 0:  # on the batch the step is about to train on, before the update
-                research = self._diagnose(self.state, normalize_batch(batch))
+                research = self._diagnose(self._full_state(), normalize_batch(batch))
                 writer.scalars("research", reduce_metrics(_to_host(research)), step)
             self.state, metrics = self.step(self.state, batch)
             self._position = self.loader.state_dict()
             step += 1
             bar.update(1)
             if check_every and step % check_every == 0:
-                check_replicas(self.state)
+                check_replicas(self._full_state())  # sharded: the gathered state, equal on every rank
             if step % run.log_every == 0 or step == run.max_steps:
                 host = _to_host(metrics)
                 now = time.perf_counter()
