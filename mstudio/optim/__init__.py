@@ -8,6 +8,7 @@
 
 ``adamw`` is a chain of blocks that each do one thing (``clip_by_global_norm``, ``scale_by_adam``,
 ``scale_by_learning_rate``, ``add_decayed_weights``) with its numbers kept as state by ``inject_hyperparams``.
+Inside ``with donated():`` the same update is written into the caller's tensors (see :func:`donated`).
 """
 
 from mstudio.optim import schedules
@@ -27,8 +28,10 @@ from mstudio.optim.transforms import (
     apply_updates,
     chain,
     clip_by_global_norm,
+    donated,
     global_norm,
     identity,
+    is_donated,
 )
 
 __all__ = [
@@ -40,10 +43,12 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
+    "donated",
     "find_hyperparams",
     "global_norm",
     "identity",
     "inject_hyperparams",
+    "is_donated",
     "read_hyperparam",
     "scale_by_adam",
     "scale_by_learning_rate",

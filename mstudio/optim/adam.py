@@ -9,7 +9,15 @@ import torch
 from torch import Tensor
 
 from mstudio.optim.checks import POSITIVE, UNIT_INTERVAL, check_number
-from mstudio.optim.transforms import GradientTransformation, _device_of, _leaves_matching, _rebuild, _with_grad
+from mstudio.optim.transforms import (
+    GradientTransformation,
+    _device_of,
+    _leaves_matching,
+    _rebuild,
+    _scalar_for,
+    _with_grad,
+    is_donated,
+)
 
 __all__ = ["ScaleByAdamState", "scale_by_adam"]
 
@@ -55,15 +63,20 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         c = count.to(torch.float64)
         bias_correction1 = 1 - b1**c
         bias_correction2_sqrt = torch.sqrt(1 - b2**c)
-        m = torch._foreach_lerp([mu[i] for i in present], g, 1 - b1)
-        v = torch._foreach_mul([nu[i] for i in present], b2)
+        m, v = [mu[i] for i in present], [nu[i] for i in present]
+        if is_donated():  # the moments are the caller's to overwrite (see mstudio.optim.donated)
+            torch._foreach_lerp_(m, g, 1 - b1)
+            torch._foreach_mul_(v, b2)
+        else:
+            m = torch._foreach_lerp(m, g, 1 - b1)
+            v = torch._foreach_mul(v, b2)
         torch._foreach_addcmul_(v, g, g, value=1 - b2)
         # Fresh tensors are updated in place: on CPU an out-of-place foreach op costs several times an
         # in-place one (allocation), and none of them is visible outside this function yet.
         denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_div_(denom, _scalar_for(denom, bias_correction2_sqrt))
         torch._foreach_add_(denom, eps)
-        direction = torch._foreach_div(m, bias_correction1)
+        direction = torch._foreach_div(m, _scalar_for(m, bias_correction1))
         torch._foreach_div_(direction, denom)
         new_state = ScaleByAdamState(count, _rebuild(treedef, mu, present, m), _rebuild(treedef, nu, present, v))
         return _rebuild(treedef, leaves, present, direction), new_state

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mstudio.optim.transforms import GradientTransformation, _leaves_matching, _rebuild, _with_grad
+from mstudio.optim.transforms import (
+    GradientTransformation,
+    _leaves_matching,
+    _rebuild,
+    _scalar_for,
+    _with_grad,
+    is_donated,
+)
 
 __all__ = ["add_decayed_weights", "scale_by_learning_rate"]
 
@@ -27,7 +34,11 @@ def scale_by_learning_rate(learning_rate: float | Tensor) -> GradientTransformat
         present, values, leaves, treedef = _with_grad(grads)
         if not values:
             return grads, state
-        return _rebuild(treedef, leaves, present, torch._foreach_mul(values, -learning_rate)), state
+        step = _scalar_for(values, -learning_rate)
+        if is_donated():
+            torch._foreach_mul_(values, step)
+            return grads, state
+        return _rebuild(treedef, leaves, present, torch._foreach_mul(values, step)), state
 
     return _stateless(update)
 
@@ -42,6 +53,10 @@ def add_decayed_weights(weight_decay: float | Tensor, learning_rate: float | Ten
     whose step exceeds its own size (a near-zero weight) can differ, by one rounding. Parameters without a
     gradient are not decayed (torch skips ``grad is None``).
 
+    Inside :func:`~mstudio.optim.donated` the parameters are shrunk in place and the updates returned as they
+    came, so that :func:`~mstudio.optim.apply_updates` (in place too) gives ``p * (1 - lr * wd) + update``,
+    torch's own order.
+
     Args:
         weight_decay: the decay coefficient (a number or 0-d tensor), >= 0.
         learning_rate: the learning rate in force (decay is scaled by it, as in PyTorch).
@@ -51,8 +66,13 @@ def add_decayed_weights(weight_decay: float | Tensor, learning_rate: float | Ten
         present, values, leaves, treedef = _with_grad(updates)
         if not values:
             return updates, state
-        p = [_leaves_matching(params, treedef, "params")[i] for i in present]
-        new_p = torch._foreach_mul(p, 1 - learning_rate * weight_decay)
+        param_leaves = _leaves_matching(params, treedef, "params")  # once: flattening is O(leaves)
+        p = [param_leaves[i] for i in present]
+        shrink = _scalar_for(p, 1 - learning_rate * weight_decay)
+        if is_donated():
+            torch._foreach_mul_(p, shrink)
+            return updates, state
+        new_p = torch._foreach_mul(p, shrink)
         torch._foreach_add_(new_p, values)
         torch._foreach_sub_(new_p, p)
         return _rebuild(treedef, leaves, present, new_p), state

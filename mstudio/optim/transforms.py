@@ -5,6 +5,13 @@ A :class:`GradientTransformation` is ``init(params) -> state`` and
 :func:`apply_updates` adds the result to the parameters. Nothing is modified in place: every function returns
 new tensors, so a train step built from them is pure.
 
+**Donation.** Inside ``with donated():`` the caller hands over ``grads``, ``state`` and ``params``: the blocks
+of this package then overwrite them with ``torch._foreach_*_`` ops instead of allocating new tensors (one
+pass and one allocation less per op), and :func:`apply_updates` writes the new parameters into ``params``.
+The results are the same numbers; the inputs must not be read afterwards. A transformation that knows
+nothing of donation stays pure, which is always correct. The eager train step uses this when called with
+``donate=True``; a compiled step never does (its graph already fuses the update).
+
 **No gradient means no update.** A ``None`` leaf in ``grads`` marks a parameter the loss does not reach (the
 value head under behaviour cloning). Its update is ``None``, its moments are passed through untouched, and
 :func:`apply_updates` returns the parameter itself: no weight decay, exactly as ``torch.optim.AdamW`` skips
@@ -18,7 +25,9 @@ launch per op per device and dtype rather than one per tensor), following the op
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import optree
 import torch
@@ -32,11 +41,32 @@ __all__ = [
     "apply_updates",
     "chain",
     "clip_by_global_norm",
+    "donated",
     "global_norm",
     "identity",
+    "is_donated",
 ]
 
 PyTree = Any
+
+_DONATED = contextvars.ContextVar("mstudio_optim_donated", default=False)
+
+
+@contextlib.contextmanager
+def donated() -> Iterator[None]:
+    """Within this block, optimizer updates may overwrite their ``grads``, ``state`` and ``params`` (see the
+    module docstring): the caller owns them and never reads them again."""
+    token = _DONATED.set(True)
+    try:
+        yield
+    finally:
+        _DONATED.reset(token)
+
+
+def is_donated() -> bool:
+    """Whether the current update runs inside :func:`donated` (may write its inputs in place); always
+    ``False`` while ``torch.compile`` traces (a compiled step is pure, and dynamo cannot read a ContextVar)."""
+    return not torch.compiler.is_compiling() and _DONATED.get()
 
 
 class GradientTransformation(NamedTuple):
@@ -72,6 +102,17 @@ def _rebuild(treedef, fill: list, present: list[int], values: list) -> PyTree:
     for i, value in zip(present, values):
         out[i] = value
     return optree.tree_unflatten(treedef, out)
+
+
+def _scalar_for(values: list[Tensor], scalar: Any) -> Any:
+    """``scalar`` (e.g. a float64 0-d learning rate) cast once to ``values``' dtype when they share one of float32
+    or float64, the dtype a ``torch._foreach_*`` op computes in then: the same results, but the op no longer
+    converts the scalar once per tensor (a copy per parameter per op in the eager step)."""
+    if isinstance(scalar, Tensor) and values:
+        dtype = values[0].dtype
+        if dtype in (torch.float32, torch.float64) and scalar.dtype != dtype and all(v.dtype == dtype for v in values):
+            return scalar.to(dtype)
+    return scalar
 
 
 def _leaves_matching(tree: PyTree, treedef, what: str) -> list:
@@ -112,6 +153,9 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         if not values:
             return grads, state
         coef = torch.clamp(max_norm / (global_norm(values) + 1e-6), max=1.0)
+        if is_donated():
+            torch._foreach_mul_(values, coef)
+            return grads, state
         return _rebuild(treedef, leaves, present, torch._foreach_mul(values, coef)), state
 
     return GradientTransformation(lambda params: (), update)
@@ -153,10 +197,15 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
-    """``params + updates`` leaf by leaf; a ``None`` update leaves its parameter as it is (same tensor)."""
+    """``params + updates`` leaf by leaf; a ``None`` update leaves its parameter as it is (same tensor).
+
+    Inside :func:`donated`, the sums are written into ``params``' tensors, which are returned."""
     present, u, leaves, treedef = _with_grad(updates)
     p = _leaves_matching(params, treedef, "params")
     if not u:
+        return params
+    if is_donated():
+        torch._foreach_add_([p[i] for i in present], u)
         return params
     new = torch._foreach_add([p[i] for i in present], u)
     return _rebuild(treedef, p, present, new)

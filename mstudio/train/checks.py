@@ -19,8 +19,11 @@ from mstudio.optim import GradientTransformation
 from mstudio.optim.checks import describe
 from mstudio.train.state import TrainState, check_memory
 
-__all__ = ["TensorSpec", "check_finite_state", "check_is_state", "check_opt_state", "check_state", "check_unwritten",
-           "tensor_spec", "tensor_versions"]
+__all__ = ["TensorSpec", "check_finite_state", "check_is_state", "check_not_donated", "check_opt_state", "check_state",
+           "check_unwritten", "mark_donated", "tensor_spec", "tensor_versions"]
+
+#: Set on ``state.step`` (a tensor every step replaces) when the state is donated to a step.
+_DONATED_MARK = "_mstudio_donated"
 
 #: name -> (shape, dtype) of a dict of tensors (a policy's parameters or buffers).
 TensorSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -50,6 +53,22 @@ def check_is_state(state: Any) -> None:
     """Raise ``TypeError`` unless ``state`` is a :class:`TrainState`."""
     if not isinstance(state, TrainState):
         raise TypeError(f"state must be a mstudio.TrainState (from mstudio.init_state), got {type(state).__name__}")
+
+
+def mark_donated(state: TrainState) -> None:
+    """Mark ``state`` as handed over to a step (``step(state, batch, donate=True)``): it may not be used again.
+
+    The mark sits on ``state.step``, a 0-d tensor of this state alone (every step returns a new one), so the
+    state the donated call returns is not marked."""
+    setattr(state.step, _DONATED_MARK, True)
+
+
+def check_not_donated(state: TrainState) -> None:
+    """Raise ``RuntimeError`` if ``state`` was donated to an earlier step (:func:`mark_donated`)."""
+    if getattr(state.step, _DONATED_MARK, False):
+        raise RuntimeError("this TrainState was donated to an earlier step(state, batch, donate=True) call, which "
+                           "may have overwritten its tensors; use the state that call returned (or call without "
+                           "donate=True to keep the old state usable)")
 
 
 def check_state(state: Any, params: TensorSpec, buffers: TensorSpec) -> None:

@@ -4,7 +4,8 @@
 function it runs is pure (it returns a new :class:`TrainState` and never writes to ``state``, ``batch`` or
 the policy), branch-free on tensor values, and free of host syncs, so ``torch.compile(fullgraph=True)``
 turns it into one graph that stays compiled across episode resets, the warmup, hyper-parameter changes and
-the whole run.
+the whole run. A caller that never reuses the old state may donate it (``step(state, batch, donate=True)``):
+the eager step then updates it in place, with the same numbers.
 """
 
 from __future__ import annotations
@@ -19,16 +20,19 @@ from torch import Tensor, nn
 
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective, check_output, objective_name
 from mstudio.batch import check_batch, normalize_batch
+from mstudio.compile import configure_compile_cache
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
-from mstudio.optim import GradientTransformation, apply_updates, global_norm
+from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm
 from mstudio.policy import check_policy
 from mstudio.train.checks import (
     check_finite_state,
     check_is_state,
+    check_not_donated,
     check_opt_state,
     check_state,
     check_unwritten,
+    mark_donated,
     tensor_spec,
     tensor_versions,
 )
@@ -79,7 +83,9 @@ def value_and_grad_autograd(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple
 
 def _keep_if(ok: Tensor, new: Any, old: Any) -> Any:
     """Leaf by leaf ``new`` where ``ok`` (a bool 0-d tensor) else ``old``; ``None`` leaves stay ``None``, and a
-    leaf the update passed through unchanged (the same tensor) costs no ``where`` (fewer nodes to compile)."""
+    leaf the update passed through unchanged (the same tensor) costs no ``where`` (fewer nodes to compile).
+    (No Python branch on ``ok``: the pure step never reads a device value; see ``_update_donated`` for the
+    path that may.)"""
     return optree.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old, none_is_leaf=False)
 
 
@@ -89,6 +95,36 @@ def _ema(ema: dict[str, Tensor] | None, params: dict[str, Tensor], decay: float 
         return ema
     names = list(ema)
     return dict(zip(names, torch._foreach_lerp([ema[n] for n in names], [params[n] for n in names], 1 - decay)))
+
+
+def _update_donated(optimizer: GradientTransformation, grads: dict[str, Tensor | None], state: TrainState,
+                    current: dict[str, Tensor], loss: Tensor, grad_norm: Tensor, lr: Tensor | None,
+                    ema_decay: float | None, skip_nonfinite: bool) -> tuple[dict[str, Tensor], Any, Any, Tensor]:
+    """The optimizer update written into ``state``'s own tensors (:func:`mstudio.optim.donated`), eager only.
+
+    In place there is no old value to fall back on, so the non-finite guard decides *before* anything is
+    written, from the loss, the gradient norm and the learning rate (one host sync, which the eager path may
+    afford). The pure guard also tests the update's norm; from a finite state (checked on the first call, and
+    kept finite by the guard) with those three finite, AdamW's update is finite (it divides by
+    ``sqrt(v) + eps >= eps``), so the verdict is the same without that extra pass over the parameters.
+
+    Returns:
+        ``(params, opt_state, ema, finite)``: the state's own tensors, now holding the new values (the old ones
+        when the update was skipped), and the verdict (bool 0-d).
+    """
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    if lr is not None:
+        finite = finite & torch.isfinite(lr)
+    if skip_nonfinite and not bool(finite):
+        return current, state.opt_state, state.ema, finite
+    with donated():
+        updates, opt_state = optimizer.update(grads, state.opt_state, current)
+        params = apply_updates(current, updates)
+    ema = state.ema
+    if ema is not None and ema_decay is not None:
+        names = list(ema)
+        torch._foreach_lerp_([ema[n] for n in names], [params[n] for n in names], 1 - ema_decay)
+    return params, opt_state, ema, finite
 
 
 def train_step_function(
@@ -102,6 +138,7 @@ def train_step_function(
     ema_decay: float | None = None,
     skip_nonfinite: bool = True,
     grad_reduce: GradientReduce | None = None,
+    donate: bool = False,
 ) -> StepFn:
     """The pure step function for parameters ``reached`` by the objective (the others get no update).
 
@@ -119,6 +156,8 @@ def train_step_function(
             ``skipped_updates``. Either way ``metrics["nonfinite"]`` (long 0-d, 1 or 0) says whether they were.
         grad_reduce: ``Gradients -> Gradients`` applied between the two halves, before clipping and the
             optimizer (data parallelism: :func:`average_across_ranks`); ``None``: nothing in between.
+        donate: eager only: the step consumes ``state``, writing the update into its tensors (the returned
+            state holds them) instead of allocating new ones; see :meth:`TrainStep.__call__`.
     """
 
     gradients, update = train_step_parts(apply_fn, objective, optimizer, reached, value_and_grad,
@@ -126,7 +165,7 @@ def train_step_function(
                                          skip_nonfinite=skip_nonfinite, grad_reduce=grad_reduce)
 
     def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
-        return update(state, batch, gradients(state, batch))
+        return update(state, batch, gradients(state, batch), donate=donate)
 
     return train_step
 
@@ -183,8 +222,9 @@ def train_step_parts(
 ) -> tuple[Callable[[TrainState, Mapping[str, Any]], Gradients],
            Callable[[TrainState, Mapping[str, Any], Gradients], tuple[TrainState, dict[str, Tensor]]]]:
     """:func:`train_step_function`'s two halves, pure: ``gradients(state, batch) -> Gradients`` (memory carry,
-    forward, objective, gradients) and ``update(state, batch, gradients) -> (new_state, metrics)`` (``grad_reduce``
-    when given, optimizer, guard, EMA, carry). ``update(state, batch, gradients(state, batch))`` is the step.
+    forward, objective, gradients) and ``update(state, batch, gradients, *, donate=False) -> (new_state, metrics)``
+    (``grad_reduce`` when given, optimizer, guard, EMA, carry; ``donate``: in place, eager only).
+    ``update(state, batch, gradients(state, batch))`` is the step.
 
     They are apart so the first can be ``torch.func.vmap``-ed over stacked states (a sweep of K variants in one
     call, :mod:`mstudio.research.sweep`) while the second, whose ``torch._foreach_*`` kernels have no vmap rule,
@@ -213,33 +253,43 @@ def train_step_parts(
         grads, loss, (out, state_out) = value_and_grad(loss_fn, trainable)
         return Gradients(grads, loss, dict(out), state_out)
 
-    def update(state: TrainState, batch: Mapping[str, Any], computed: Gradients) -> tuple[TrainState, dict[str, Tensor]]:
+    def update(state: TrainState, batch: Mapping[str, Any], computed: Gradients, *,
+               donate: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
         if grad_reduce is not None:  # before clipping, so the global norm is the norm of the global gradient
             computed = grad_reduce(computed)
         loss, out = computed.loss, computed.out
         # Detached: parameters handed in with requires_grad (a state built by hand) would otherwise give a new
-        # state that carries an autograd graph, growing by one update every step.
+        # state that carries an autograd graph, growing by one update every step. (Views: a donated update
+        # writes through them into the state's own tensors.)
         current = {name: p.detach() for name, p in state.params.items()}
         # None marks "no gradient": the optimizer leaves those parameters and their moments alone.
         grads = {name: computed.grads.get(name) for name in current}
         grad_norm = global_norm(grads)
         metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
-        if optimizer.learning_rate is not None:
-            metrics["lr"] = optimizer.learning_rate(state.opt_state).to(torch.float32)
-        updates, opt_state = optimizer.update(grads, state.opt_state, current)
-        params = apply_updates(current, updates)
-        # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the
-        # update itself (a NaN learning rate from a schedule, an inf in the optimizer state).
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(global_norm(updates))
-        ema = _ema(state.ema, params, ema_decay)
+        lr = optimizer.learning_rate(state.opt_state) if optimizer.learning_rate is not None else None
+        if lr is not None:
+            metrics["lr"] = lr.to(torch.float32)
         # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
         # guards on input strides and a strided view here would recompile it on the second call.
         carried = optree.tree_map(lambda t: t.detach().contiguous(), computed.state_out)
+        if donate:
+            params, opt_state, ema, finite = _update_donated(optimizer, grads, state, current, loss, grad_norm, lr,
+                                                             ema_decay, skip_nonfinite)
+            if skip_nonfinite and not finite:
+                carried = state.init_memory  # as the pure guard: a skipped batch restarts every row's memory
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, current)
+            params = apply_updates(current, updates)
+            # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the
+            # update itself (a NaN learning rate from a schedule, an inf in the optimizer state).
+            finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(global_norm(updates))
+            ema = _ema(state.ema, params, ema_decay)
+            if skip_nonfinite:
+                params, opt_state = _keep_if(finite, params, current), _keep_if(finite, opt_state, state.opt_state)
+                ema = _keep_if(finite, ema, state.ema)
+                carried = _keep_if(finite, carried, state.init_memory)  # a skipped batch restarts every row's memory
         skipped = state.skipped_updates
         if skip_nonfinite:
-            params, opt_state = _keep_if(finite, params, current), _keep_if(finite, opt_state, state.opt_state)
-            ema = _keep_if(finite, ema, state.ema)
-            carried = _keep_if(finite, carried, state.init_memory)  # a skipped batch restarts every row's memory
             skipped = skipped + (~finite).to(skipped.dtype)
         metrics["grad_norm"] = grad_norm
         metrics["nonfinite"] = (~finite).to(skipped.dtype)
@@ -289,16 +339,55 @@ class TrainStep:
         self._batch_keys: frozenset[str] | None = None
         self._mask_dtype: torch.dtype | None = None
         self._cuda_graphs = False
+        self._donating_fn: StepFn | None = None  # eager, in place; None when compiled
 
-    def __call__(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
+    def __call__(self, state: TrainState, batch: Mapping[str, Any], *,
+                 donate: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
+        """One step: ``(new_state, metrics)``; ``state`` and ``batch`` are left as they are unless ``donate``.
+
+        Args:
+            state: the current :class:`TrainState`.
+            batch: one batch (layout in :mod:`mstudio.batch`).
+            donate: hand ``state`` over to the step, which may then reuse its tensors: the eager step
+                (``compile=False``) writes the optimizer update into them with in-place ``torch._foreach_*``
+                ops (:func:`mstudio.optim.donated`) instead of allocating a new state, the same numbers up
+                to one rounding of the weight decay. A compiled step computes as without donation (its graph
+                already fuses the update). Either way ``state`` is then spent: the returned state may share
+                its tensors, and passing it to a step again raises ``RuntimeError``. Use it when nothing else
+                keeps the old state (a training loop that only ever steps the newest state). Eagerly, the
+                non-finite guard then decides before writing, with one host sync (see ``_update_donated``).
+
+        With CUDA graphs (compiled on CUDA) every replay overwrites the previous replay's outputs, so the step
+        returns metrics the caller owns (copied out of the graph's buffers) and ``state`` is always spent, as if
+        donated; to keep a state past the next step (a checkpoint written in the background), copy it
+        (``optree.tree_map(torch.clone, state)``) before that step.
+
+        Raises:
+            RuntimeError: ``state`` was donated to an earlier call.
+        """
         check_is_state(state)  # before state.batch_size is read
+        check_not_donated(state)
         batch = self._prepare(state, batch, state.batch_size)
+        step_fn = self._step_fn
+        if donate and self._donating_fn is not None:
+            mark_donated(state)  # first: an eager donated step that fails midway has written part of the state
+            step_fn = self._donating_fn
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        if not self.data_parallel:
-            return self._step_fn(state, batch)
-        with collective_failures("the data-parallel train step"):
-            return self._step_fn(state, batch)
+        if self.data_parallel:
+            with collective_failures("the data-parallel train step"):
+                new_state, metrics = step_fn(state, batch)
+        else:
+            new_state, metrics = step_fn(state, batch)
+        if self._cuda_graphs:
+            # The next replay writes its outputs into the same memory: metrics a caller keeps past the next step
+            # (logged every N steps) are copied out now (a few 0-d copies); the state handed in was copied into
+            # the graph's inputs and is overwritten by the next replay, so it is spent, as if donated.
+            metrics = {key: value.clone() for key, value in metrics.items()}
+            donate = True
+        if donate:
+            mark_donated(state)  # compiled: after the call, so the graph never sees a marked tensor
+        return new_state, metrics
 
     def _prepare(self, state: TrainState, batch: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
         """``batch`` checked and normalized; on the first call, the step built for ``state`` (one, unstacked)."""
@@ -341,7 +430,10 @@ class TrainStep:
                                       **self._options, grad_reduce=grad_reduce)
         if not self.compile:
             self._step_fn = step_fn
+            self._donating_fn = train_step_function(self.apply_fn, self.objective, self.optimizer, self.reached,
+                                                    traceable, **self._options, grad_reduce=grad_reduce, donate=True)
             return
+        configure_compile_cache()  # inductor's FX-graph and AOTAutograd caches in a persistent directory
         self._cuda_graphs = state.step.device.type == "cuda"
         # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
         mode = "reduce-overhead" if self._cuda_graphs else None
@@ -429,7 +521,9 @@ def make_train_step(
         objective: ``(batch, latents, params) -> {"loss": scalar, **metrics}`` (see :mod:`losses.api`).
         optimizer: e.g. :func:`mstudio.optim.adamw`.
         compile: compile the whole step as one graph (``torch.compile(fullgraph=True)``; on CUDA with CUDA
-            graphs). ``False`` runs the same step eagerly.
+            graphs). ``False`` runs the same step eagerly. Compiled graphs are cached on disk
+            (:mod:`mstudio.compile`: ``$TORCHINDUCTOR_CACHE_DIR``, else ``~/.cache/mstudio/inductor``), so
+            another process building the same step loads it instead of compiling again.
         validate: check every batch's action indices are in range (one device sync per step). Keys, dtypes
             and shapes are always checked.
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA for mixed precision; ``None`` (default) runs in the

@@ -1,0 +1,57 @@
+"""Where compiled steps are cached: a persistent directory for inductor's FX-graph and AOTAutograd caches.
+
+Compiling the VPT step costs minutes on a small CPU; with the caches a second process that builds the same
+step (a resumed run, the next experiment with other hyper-parameters) loads the compiled graph and its C++
+kernels from disk instead. torch keeps both caches on by default (``torch._inductor.config.fx_graph_cache``,
+``torch._functorch.config.enable_autograd_cache``) but under ``/tmp/torchinductor_<user>``, which a reboot
+or a tmp cleaner empties. mstudio points them at ``~/.cache/mstudio/inductor`` (``$XDG_CACHE_HOME`` if set)
+unless ``TORCHINDUCTOR_CACHE_DIR`` is set to another directory: then that one is used, as torch would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["CACHE_ENV", "compile_cache_dir", "configure_compile_cache"]
+
+#: The environment variable torch's inductor reads its cache directory from.
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def _torch_default() -> str:
+    """The directory torch picks when ``TORCHINDUCTOR_CACHE_DIR`` is unset; torch then writes it into the variable
+    itself (on its first compile, or ``torch._dynamo.reset()``), so that value does not mean the user chose it."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(default_cache_dir())
+
+
+def compile_cache_dir() -> Path:
+    """The directory compiled steps are cached in: ``$TORCHINDUCTOR_CACHE_DIR`` if set (to anything but torch's
+    own default, which torch writes there itself), else ``$XDG_CACHE_HOME/mstudio/inductor``
+    (``~/.cache/mstudio/inductor`` without ``XDG_CACHE_HOME``)."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != _torch_default():
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mstudio" / "inductor"
+
+
+def configure_compile_cache() -> Path:
+    """Set ``TORCHINDUCTOR_CACHE_DIR`` to :func:`compile_cache_dir` (unchanged when already set) and create it.
+
+    Called by :func:`mstudio.make_train_step` before it compiles; it takes effect for the compiles that start
+    after it (torch reads the variable whenever it opens its caches).
+
+    Raises:
+        OSError: the directory cannot be created (naming it); set ``TORCHINDUCTOR_CACHE_DIR`` to a writable one.
+    """
+    directory = compile_cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the compile cache directory {directory} ({error}); set {CACHE_ENV} to a "
+                      "writable directory") from error
+    os.environ[CACHE_ENV] = str(directory)
+    return directory
