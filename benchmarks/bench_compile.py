@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-SHAPES = {"tiny": (2, 4), "small": (4, 32)}  # (B, T), as bench_vpt.py
+from mstudio.bench._presets import SHAPES  # (B, T) of each VPT size, as mstudio bench uses them
 
 
 def child(size: str, steps: int) -> dict:

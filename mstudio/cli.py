@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 if TYPE_CHECKING:
     from mstudio.trainer import Trainer
 
-__all__ = ["eval_checkpoint", "import_minestudio", "import_vpt", "main", "store_verify", "synth", "train"]
+__all__ = ["bench", "eval_checkpoint", "import_minestudio", "import_vpt", "main", "store_info", "store_verify", "synth",
+           "train"]
 
 # `mstudio train` flags named as the `[run]` key each overrides (`--no-compile` is handled on its own).
 _RUN_FLAGS = ("out", "max_steps", "ckpt_every", "seed", "name")
@@ -39,19 +40,33 @@ def synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_for_import(dest: Path, resolution: int, src: str) -> Any:
-    """The episode store at ``dest``, created at ``resolution`` when there is none (two imports may race here)."""
-    from mstudio.data import EpisodeStore
+def _store_for_import(dest: Path, resolution: int, src: str, backend: str | None = None,
+                      codec: str | None = None) -> Any:
+    """The episode store at ``dest``, created at ``resolution`` when there is none (two imports may race here):
+    of kind ``backend`` (``--backend``; default ``episodes``, or ``sharded`` with ``--codec h264``), frames stored
+    ``codec`` (``--codec raw|h264``, sharded only). An existing store of another kind than asked is an error."""
+    from mstudio.data import ShardedStore, create_store, open_store
+    from mstudio.data.video_codec import VideoCodec
 
     if resolution < 1:
         raise ValueError(f"--resolution must be an integer >= 1, got {resolution}")
+    if codec == "h264" and backend == "episodes":
+        raise ValueError("--codec h264 needs --backend sharded (an 'episodes' store keeps raw .npy files)")
+    backend = backend or ("sharded" if codec == "h264" else None)
     if not (dest / "manifest.json").exists():
         try:
-            EpisodeStore.create(dest, (resolution, resolution), meta={"source": str(src)})
+            create_store(dest, (resolution, resolution), meta={"source": str(src)}, backend=backend or "episodes",
+                         codec=VideoCodec() if codec == "h264" else None)
         except FileExistsError:
             if not (dest / "manifest.json").exists():  # not a store another import just made: say what is there
                 raise
-    return EpisodeStore.open(dest)
+    store = open_store(dest)
+    kind = "sharded" if isinstance(store, ShardedStore) else "episodes"
+    frames = "h264" if getattr(store, "codec", None) is not None else "raw"
+    if (backend or kind) != kind or (codec or frames) != frames:
+        raise ValueError(f"{dest} is already a {kind!r} store with {frames} frames; --backend {backend} --codec "
+                         f"{codec} asks for another kind (import into a new directory, or leave those flags out)")
+    return store
 
 
 def _import_status(command: str, summary: Any, src: str, inputs: str) -> int:
@@ -74,7 +89,7 @@ def import_vpt(args: argparse.Namespace) -> int:
 
     try:
         discover(args.src)  # a missing or unreadable SRC fails here, before the store is created
-        store = _store_for_import(Path(args.store), args.resolution, args.src)
+        store = _store_for_import(Path(args.store), args.resolution, args.src, args.backend, args.codec)
         summary = run_import(args.src, store, resolution=args.resolution, camera=args.camera)
     except (ValueError, OSError) as error:
         return _error("import-vpt", error)
@@ -89,7 +104,7 @@ def import_minestudio(args: argparse.Namespace) -> int:
 
     try:
         list_environments(args.src)  # a missing or non-MineStudio SRC fails here, before the store is created
-        store = _store_for_import(Path(args.store), args.resolution, args.src)
+        store = _store_for_import(Path(args.store), args.resolution, args.src, args.backend, args.codec)
         summary = run_import(args.src, store, resolution=args.resolution)
     except (ValueError, OSError) as error:
         return _error("import-minestudio", error)
@@ -233,17 +248,90 @@ def _add_eval(commands: Any) -> None:
     p.set_defaults(run=eval_checkpoint)
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Time the VPT train step: MineStudio's loop on the module vs mstudio's step eager and compiled, interleaved
+    in one process, with FLOPs, matmul peak, compile times, recompiles and peak memory (--sweep: the cost over a
+    grid of B, T and hidsize). Prints markdown; --json/--markdown/--plot write files."""
+    import shlex
+
+    from mstudio import bench as mb
+
+    # the command as its flags say it (main may have been called with an argv other than sys.argv's): --config
+    # and the flags that differ from their defaults
+    defaults = vars(_parser().parse_args(["bench"]))
+    flags = [[_flag(k)] if v is True else [_flag(k), *map(str, v if isinstance(v, list) else [v])]
+             for k, v in vars(args).items() if k not in ("run", "debug", "command")
+             and (k == "config" or v != defaults[k])]
+    command = shlex.join(["mstudio", "bench", *(word for flag in flags for word in flag)])
+    chosen = args.variants or (mb.SweepOptions.variants if args.sweep else tuple(mb.VARIANTS))
+    variants = tuple(v for v in chosen if not (args.no_compile and v == "compiled"))
+    workload = mb.Workload.preset(args.config, args.batch, args.seq, hidsize=args.hidsize, device=args.device)
+    # unset --repeats/--warmup: the defaults of BenchOptions or SweepOptions
+    rounds = {k: getattr(args, k) for k in ("repeats", "warmup") if getattr(args, k) is not None}
+    if args.sweep:
+        result = mb.run_sweep(mb.SweepOptions(workload, tuple(args.sweep_batch), tuple(args.sweep_seq),
+                                              tuple(args.sweep_hidsize), variants, **rounds), command=command)
+        text = mb.sweep_markdown(result)
+        if args.plot:
+            print(f"wrote {mb.plot_sweep(result, args.plot)}")
+    else:
+        if args.plot:
+            return _error("bench", "--plot draws the sweep: add --sweep")
+        result = mb.run_bench(mb.BenchOptions(workload, variants, **rounds, fresh_processes=not args.no_fresh_processes,
+                                              minestudio_python=args.minestudio_python), command=command)
+        text = mb.bench_markdown(result)
+    print(text)
+    if args.json:
+        print(f"wrote {mb.write_json(result, args.json)}")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(text)
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def _add_bench(commands: Any) -> None:
+    from mstudio.bench._presets import SHAPES, VARIANTS  # plain data: no torch import for the parser
+
+    p = commands.add_parser("bench", help=bench.__doc__, description=bench.__doc__)
+    p.add_argument("--config", default="tiny", metavar="PRESET",
+                   help=f"VPT preset (default tiny); default B x T per preset: {SHAPES}")
+    p.add_argument("--batch", type=_positive, metavar="B", help="rows per batch (default: the preset's)")
+    p.add_argument("--seq", type=_positive, metavar="T", help="frames per row (default: the preset's)")
+    p.add_argument("--hidsize", type=_positive, metavar="H", help="override the preset's latent width")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--repeats", type=_positive, metavar="N", help="timed rounds (default 20; --sweep: 5 per point)")
+    p.add_argument("--warmup", type=int, metavar="N", help="untimed first rounds (default 3; --sweep: 2 per point)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                   help="variants to time (default: all; with --sweep: minestudio_style eager)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled variant")
+    p.add_argument("--no-fresh-processes", action="store_true",
+                   help="skip the fresh-process measurements (cold/warm compile, peak memory)")
+    p.add_argument("--minestudio-python", metavar="PYTHON",
+                   help="python of a venv with minestudio==1.1.6: also time MineStudio's own VPTPolicy in the rounds")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the markdown table")
+    p.add_argument("--sweep", action="store_true", help="time a grid around the config's point, one axis at a time")
+    p.add_argument("--sweep-batch", type=_positive, nargs="+", default=[1, 2, 4, 8], metavar="B")
+    p.add_argument("--sweep-seq", type=_positive, nargs="+", default=[4, 8, 16, 32], metavar="T")
+    p.add_argument("--sweep-hidsize", type=_positive, nargs="+", default=[64, 128, 256, 512], metavar="H")
+    p.add_argument("--plot", metavar="PATH", help="with --sweep: plot ms/step per axis to this image (needs "
+                   "matplotlib: pip install 'mstudio[bench]')")
+    p.set_defaults(run=bench)
+
+
+
 def store_verify(args: argparse.Namespace) -> int:
-    """Check an episode store's files and checksums and what a crash can leave; --repair fixes the leftovers
-    (exit 1 if problems remain, 2 if the store cannot be opened)."""
-    from mstudio.data import EpisodeStore
+    """Check an episode store (either kind) against its index: files, checksums, and what a crash can leave;
+    --repair fixes the leftovers (exit 1 if problems remain, 2 if the store cannot be opened)."""
+    from mstudio.data import open_store
 
     try:
-        store = EpisodeStore.open(args.store)
+        store = open_store(args.store)
         problems = store.verify(repair=args.repair)
         remaining = store.verify() if args.repair else problems
     except (OSError, ValueError) as error:
-        return _error("store-verify", error)
+        return _error("store verify", error)
     for problem in problems:
         print(problem)
     unchecked = store.episodes_without_checksums()
@@ -254,6 +342,54 @@ def store_verify(args: argparse.Namespace) -> int:
     if not remaining:
         print("ok")
     return 1 if remaining else 0
+
+
+def store_info(args: argparse.Namespace) -> int:
+    """Print what an episode store (either kind) holds: episodes, frames, bytes on disk, backend, codec, shards."""
+    from mstudio.data import open_store
+    from mstudio.data.stores import describe_store
+
+    try:
+        facts = describe_store(open_store(args.store, checksums=False))
+    except (OSError, ValueError) as error:
+        return _error("store info", error)
+    for key, value in facts.items():
+        if key in ("bytes_on_disk", "shard_bytes"):
+            value = f"{value} ({_binary_size(value)})"
+        print(f"{key}: {value}")
+    return 0
+
+
+def _binary_size(size: int) -> str:
+    """``size`` bytes in the largest binary unit that keeps it >= 1 (``"2.0 GiB"``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _add_store(commands: Any) -> None:
+    store = commands.add_parser("store", help="inspect or check an episode store (info, verify)",
+                                description="Inspect or check an episode store of either kind (episodes or sharded).")
+    actions = store.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    p = actions.add_parser("info", help=store_info.__doc__, description=store_info.__doc__)
+    p.add_argument("store", metavar="STORE", help="episode store directory")
+    p.set_defaults(run=store_info)
+    p = actions.add_parser("verify", help=store_verify.__doc__, description=store_verify.__doc__)
+    p.add_argument("store", metavar="STORE", help="episode store directory")
+    p.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes (and, for an "
+                   "episodes store, re-index complete episodes the index lost); never touches indexed data")
+    p.set_defaults(run=store_verify)
+
+
+def _add_store_kind(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--codec``: the kind of store an import creates when STORE does not exist yet."""
+    p.add_argument("--backend", choices=["episodes", "sharded"], default=None,
+                   help="a new store's kind: episodes (a directory of .npy files per episode, for small data; the "
+                        "default) or sharded (episodes packed into 2 GiB shard files, for corpus-sized data)")
+    p.add_argument("--codec", choices=["raw", "h264"], default=None,
+                   help="a new sharded store's frames: raw (the default) or H.264 chunks (implies --backend sharded)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -286,6 +422,7 @@ def _parser() -> argparse.ArgumentParser:
                                "environments")
     p.add_argument("store", help="episode store directory")
     p.add_argument("--resolution", type=int, default=128)
+    _add_store_kind(p)
     p.set_defaults(run=import_minestudio)
 
     p = commands.add_parser("import-vpt", help=import_vpt.__doc__, description=f"{import_vpt.__doc__} Exit status: 0 "
@@ -296,15 +433,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="episode store directory")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--camera", choices=["float", "vpt_int"], default="float")
+    _add_store_kind(p)
     p.set_defaults(run=import_vpt)
 
     _add_train(commands)
     _add_eval(commands)
-    p = commands.add_parser("store-verify", help=store_verify.__doc__, description=store_verify.__doc__)
-    p.add_argument("store", metavar="STORE", help="episode store directory")
-    p.add_argument("--repair", action="store_true", help="remove leftovers of interrupted writes and re-index complete "
-                   "episodes the index lost (never touches indexed data)")
-    p.set_defaults(run=store_verify)
+    _add_store(commands)
+    _add_bench(commands)
     return parser
 
 

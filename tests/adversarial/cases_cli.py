@@ -190,7 +190,9 @@ PARSER = [
          _refused("--resolution", "'x'")),
     Case("cli", "import-vpt/bad-camera", _command("import-vpt", "a", "b", "--camera", "degrees"),
          _refused("--camera", "'degrees'", "float", "vpt_int")),
-    Case("cli", "store-verify/no-store", _command("store-verify"), _refused("store", "required")),
+    Case("cli", "store-verify/no-store", _command("store", "verify"), _refused("store", "required")),
+    Case("cli", "store-info/no-store", _command("store", "info"), _refused("store", "required")),
+    Case("cli", "store/no-action", _command("store"), _refused("action", "required")),
 ]
 
 TRAIN = [
@@ -271,7 +273,8 @@ IMPORT = [
          _refused("does/not/exist")),
     Case("cli", "import-vpt/all-imported-exits-0", _import_status(extra=False), Handled(_exit_status(0), job=True)),
     Case("cli", "import-vpt/some-skipped-exits-3", _import_status(extra=True), Handled(_exit_status(3), job=True)),
-    Case("cli", "store-verify/missing-store", _command("store-verify", "{tmp}/nowhere"), _refused("nowhere")),
+    Case("cli", "store-verify/missing-store", _command("store", "verify", "{tmp}/nowhere"), _refused("nowhere")),
+    Case("cli", "store-info/missing-store", _command("store", "info", "{tmp}/nowhere"), _refused("nowhere")),
 ]
 
 CASES = PARSER + TRAIN + EVAL + IMPORT
