@@ -97,9 +97,10 @@ def run_ranks(target: Callable, world_size: int, *args: Any, timeout: float = 12
 
 
 def check_ok(results: list[RankResult]) -> list[Any]:
-    """The ranks' values, or an ``AssertionError`` with the first failing rank's traceback."""
-    for rank, result in enumerate(results):
-        assert result.exitcode == 0, (f"rank {rank} ended with exit code {result.exitcode} "
-                                      f"({'killed at the timeout' if result.exitcode is None else 'failed'}):\n"
-                                      f"{result.error}")
+    """The ranks' values, or an ``AssertionError`` with every failing rank's traceback (a rank killed at the
+    timeout usually waited on one that failed first)."""
+    failed = [f"rank {rank} ended with exit code {result.exitcode} "
+              f"({'killed at the timeout' if result.exitcode is None else 'failed'}):\n{result.error}"
+              for rank, result in enumerate(results) if result.exitcode != 0]
+    assert not failed, "\n".join(failed)
     return [result.value for result in results]
