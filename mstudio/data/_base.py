@@ -24,12 +24,16 @@ class Store(abc.ABC):
         manifest: the content of ``root/manifest.json`` (format, ``image_size``, action-space constants, ``meta``).
         image_size: ``(height, width)`` of every frame.
         checksums: whether reads check data against its recorded CRC-32 the first time a process reads it.
+
+    A subclass keeps its visible episodes in ``_index`` (id -> entry holding at least ``length`` and ``info``, in
+    append order); the id queries below read it.
     """
 
     root: Path
     manifest: dict
     image_size: tuple[int, int]
     checksums: bool
+    _index: dict[str, dict]
 
     @classmethod
     @abc.abstractmethod
@@ -42,25 +46,31 @@ class Store(abc.ABC):
         """The store at ``path``; ``ValueError`` naming the file if its manifest or index is invalid."""
 
     @property
-    @abc.abstractmethod
     def episode_ids(self) -> list[str]:
         """Episode ids in append order."""
+        return list(self._index)
 
-    @abc.abstractmethod
     def __len__(self) -> int:
         """Number of episodes."""
+        return len(self._index)
 
-    @abc.abstractmethod
     def __contains__(self, episode_id: str) -> bool:
         """Whether the store holds ``episode_id``."""
+        return episode_id in self._index
 
-    @abc.abstractmethod
     def length(self, episode_id: str) -> int:
         """Number of frames of an episode (``KeyError`` naming it if it is not in the store)."""
+        return self._entry(episode_id)["length"]
 
-    @abc.abstractmethod
     def info(self, episode_id: str) -> dict:
         """The ``info`` dict the episode was appended with."""
+        return self._entry(episode_id)["info"]
+
+    def _entry(self, episode_id: str) -> dict:
+        """The index entry of an episode (``KeyError`` naming it and the store if there is none)."""
+        if episode_id not in self._index:
+            raise KeyError(f"no episode {episode_id!r} in the store at {self.root} ({len(self)} episodes)")
+        return self._index[episode_id]
 
     @abc.abstractmethod
     def append(self, episode_id: str, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any] | None = None) -> None:

@@ -196,30 +196,6 @@ class ShardedStore(Store):
             os.truncate(path, self._index_bytes)
         return torn
 
-    @property
-    def episode_ids(self) -> list[str]:
-        """Episode ids in append order."""
-        return list(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, episode_id: str) -> bool:
-        return episode_id in self._index
-
-    def _entry(self, episode_id: str) -> dict:
-        if episode_id not in self._index:
-            raise KeyError(f"no episode {episode_id!r} in the store at {self.root} ({len(self)} episodes)")
-        return self._index[episode_id]
-
-    def length(self, episode_id: str) -> int:
-        """Number of frames of an episode."""
-        return self._entry(episode_id)["length"]
-
-    def info(self, episode_id: str) -> dict:
-        """The ``info`` dict the episode was appended with."""
-        return self._entry(episode_id)["info"]
-
     def shard_of(self, episode_id: str) -> int:
         """The number of the shard holding an episode (``shards/<k>.bin``)."""
         return self._entry(episode_id)["shard"]

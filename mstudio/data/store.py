@@ -242,33 +242,9 @@ class EpisodeStore(Store):
         manifest = _check_manifest(_read_json(root / "manifest.json"), root / "manifest.json")
         return cls(root, manifest, _load_index(root), checksums)
 
-    @property
-    def episode_ids(self) -> list[str]:
-        """Episode ids in append order."""
-        return list(self._index)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, episode_id: str) -> bool:
-        return episode_id in self._index
-
-    def length(self, episode_id: str) -> int:
-        """Number of frames of an episode."""
-        return self._entry(episode_id)["length"]
-
-    def info(self, episode_id: str) -> dict:
-        """The ``info`` dict the episode was appended with."""
-        return self._entry(episode_id)["info"]
-
     def episodes_without_checksums(self) -> list[str]:
         """Ids of the episodes written before mstudio recorded checksums (their files are checked for shape only)."""
         return [episode_id for episode_id, entry in self._index.items() if "crc32" not in entry]
-
-    def _entry(self, episode_id: str) -> dict:
-        if episode_id not in self._index:
-            raise KeyError(f"no episode {episode_id!r} in the store at {self.root} ({len(self)} episodes)")
-        return self._index[episode_id]
 
     def append(self, episode_id: str, arrays: Mapping[str, np.ndarray], info: Mapping[str, Any] | None = None) -> None:
         """Add a whole episode, atomically and safely beside other writing processes (see the module docstring).

@@ -20,6 +20,7 @@ from mstudio.data.contractor_synth import read_barcode
 from mstudio.data.minestudio_synth import barcode_frames
 from mstudio.data.video_codec import VideoCodec
 from tests.adversarial.kill import kill_points, run_killed
+from tests.support.episodes import random_episode
 
 SIZE = (8, 8)
 MIN_PSNR = 35.0  # dB: the default codec keeps ~40 dB on barcode frames at 128x128 (tests/data/test_video_codec.py)
@@ -27,16 +28,8 @@ KEYS = ("frames", "buttons", "camera", "env_buttons", "env_camera", "flags")
 
 
 def episode(n: int, seed: int, size: tuple[int, int] = SIZE) -> dict[str, np.ndarray]:
-    """Random arrays of ``n`` frames, all in range."""
-    rng = np.random.default_rng(seed)
-    return {
-        "frames": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8),
-        "buttons": rng.integers(0, 8641, n).astype(np.int16),
-        "camera": rng.integers(0, 121, n).astype(np.uint8),
-        "env_buttons": rng.integers(0, 2**23, n).astype(np.uint32),
-        "env_camera": rng.normal(size=(n, 2)).astype(np.float32),
-        "flags": rng.integers(0, 32, n).astype(np.uint8),
-    }
+    """Random arrays of ``n`` frames at this module's frame size."""
+    return random_episode(n, size, seed)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

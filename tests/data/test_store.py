@@ -7,18 +7,7 @@ import numpy as np
 import pytest
 
 from mstudio.data import EpisodeStore, fill_store
-
-
-def episode(n=5, size=(4, 6), seed=0):
-    rng = np.random.default_rng(seed)
-    return {
-        "frames": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8),
-        "buttons": rng.integers(0, 8641, n).astype(np.int16),
-        "camera": rng.integers(0, 121, n).astype(np.uint8),
-        "env_buttons": rng.integers(0, 2**23, n).astype(np.uint32),
-        "env_camera": rng.normal(size=(n, 2)).astype(np.float32),
-        "flags": rng.integers(0, 32, n).astype(np.uint8),
-    }
+from tests.support.episodes import random_episode as episode
 
 
 def test_round_trip_and_reopen(tmp_path):

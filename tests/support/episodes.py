@@ -1,8 +1,22 @@
-"""Episodes whose frames name themselves and whose null frames are flagged, for the drop_null tests."""
+"""Episodes for store tests: random in-range arrays, and episodes whose frames name themselves and whose null
+frames are flagged (the drop_null tests)."""
 
 import numpy as np
 
 from mstudio.data.contractor_import import FLAG_GUI_OPEN, FLAG_NULL
+
+
+def random_episode(n: int = 5, size: tuple[int, int] = (4, 6), seed: int = 0) -> dict[str, np.ndarray]:
+    """Random arrays of ``n`` frames of ``size``, every value in its array's range."""
+    rng = np.random.default_rng(seed)
+    return {
+        "frames": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8),
+        "buttons": rng.integers(0, 8641, n).astype(np.int16),
+        "camera": rng.integers(0, 121, n).astype(np.uint8),
+        "env_buttons": rng.integers(0, 2**23, n).astype(np.uint32),
+        "env_camera": rng.normal(size=(n, 2)).astype(np.float32),
+        "flags": rng.integers(0, 32, n).astype(np.uint8),
+    }
 
 
 def append_flagged(store, episode_id: str, null: np.ndarray, number: int, rng: np.random.Generator) -> None:
