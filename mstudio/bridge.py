@@ -2,7 +2,9 @@
 
 ``functionalize(policy)`` splits a module into ``(apply_fn, params, buffers)``, the role equinox's
 ``partition`` / ``filter_jit`` play for JAX models: ``params`` are what gradients flow into, ``buffers``
-everything else, and ``apply_fn`` calls the module statelessly through ``torch.func.functional_call``.
+everything else, and ``apply_fn`` calls the module statelessly: through ``torch.func.functional_call`` when
+traced, through a swap table built once when eager (``functional_call`` re-walks the module tree on every call,
+~3 ms a step on VPT ``tiny``, more than the eager step's whole gap to a plain module loop).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import optree
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -38,12 +41,44 @@ def functionalize(module: nn.Module) -> tuple[ApplyFn, Params, Params]:
     params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
     buffers = {name: p.detach() for name, p in module.named_parameters() if not p.requires_grad}
     buffers.update((name, b.detach()) for name, b in module.named_buffers())
+    slots = _tensor_slots(module)
+    names = frozenset(params) | frozenset(buffers)
 
     def apply_fn(params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch, state_in):
-        # strict: a missing or misspelt tensor must fail, not silently fall back to the module's own copy.
-        return functional_call(module, (dict(params), dict(buffers)), (batch, state_in), strict=True)
+        if torch.compiler.is_compiling():
+            # strict: a missing or misspelt tensor must fail, not silently fall back to the module's own copy.
+            return functional_call(module, (dict(params), dict(buffers)), (batch, state_in), strict=True)
+        tensors = {**params, **buffers}
+        if tensors.keys() != names:
+            raise RuntimeError(f"{type(module).__name__}: missing tensor(s) {sorted(names - tensors.keys())}, "
+                               f"unexpected {sorted(tensors.keys() - names)}")
+        own = [table[attr] for _, table, attr in slots]
+        try:
+            for name, table, attr in slots:
+                table[attr] = tensors[name]
+            return module(batch, state_in)
+        finally:
+            for (_, table, attr), tensor in zip(slots, own):
+                table[attr] = tensor
 
     return apply_fn, params, buffers
+
+
+def _tensor_slots(module: nn.Module) -> list[tuple[str, dict, str]]:
+    """Where each of ``module``'s tensors lives: ``(name, table, attr)`` with ``table[attr]`` the tensor
+    (``table`` a submodule's ``_parameters`` or ``_buffers``) and ``name`` its ``state_dict`` name; a tensor
+    shared by several submodules (tied weights) has one slot per place under the name it is listed by.
+
+    Writing ``table[attr]`` is what ``functional_call`` does too (no ``nn.Parameter`` wrapping, no hooks).
+    """
+    listed = {id(t): name for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    slots = []
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for table in (sub._parameters, sub._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None:
+                    slots.append((listed[id(tensor)], table, attr))
+    return slots
 
 
 def check_stateless_forward(module: nn.Module, tensors: Mapping[str, Tensor], run: Callable[[], Any]) -> Any:

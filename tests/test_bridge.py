@@ -83,3 +83,69 @@ def test_tiny_policy_is_stateless():
     assert latents["pi_logits"]["camera"].shape == (2, 3, 1, 121)
     assert latents["vpred"].shape == (2, 3, 1)
     torch.testing.assert_close(latents["pi_logits"]["camera"].exp().sum(-1), torch.ones(2, 3, 1))
+
+
+class Tied(nn.Module):
+    """Two submodules sharing one weight (tied embeddings), one module reached twice, a frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+        self.b.weight = self.a.weight
+        self.shared = nn.Linear(3, 3)
+        self.pair = nn.ModuleList([self.shared, self.shared])
+        self.register_buffer("scale", torch.tensor(2.0))
+
+    def forward(self, batch, state_in):
+        x = self.b(self.a(batch["x"]))
+        for layer in self.pair:
+            x = layer(x)
+        return {"out": x * self.scale}, state_in
+
+
+def test_eager_apply_matches_functional_call_with_tied_and_shared_tensors():
+    module = Tied()
+    apply_fn, params, buffers = functionalize(module)
+    assert set(params) == {"a.weight", "shared.weight", "shared.bias"}  # tied and shared listed once
+    new = {k: torch.randn_like(v) for k, v in params.items()}
+    batch = {"x": torch.randn(4, 3)}
+    got, _ = apply_fn(new, buffers, batch, ())
+    want, _ = torch.func.functional_call(module, (new, buffers), (batch, ()), strict=True)
+    assert torch.equal(got["out"], want["out"])
+    # written out by hand: both tied layers use the new a.weight, the shared layer runs twice
+    w, sw, sb = new["a.weight"], new["shared.weight"], new["shared.bias"]
+    x = batch["x"] @ w.T @ w.T
+    x = (x @ sw.T + sb) @ sw.T + sb
+    torch.testing.assert_close(got["out"], 2 * x)
+    assert module.a.weight is module.b.weight and isinstance(module.a.weight, nn.Parameter)
+    assert all(module.state_dict()[k] is not new[k] for k in new)
+
+
+def test_eager_apply_gradients_reach_the_given_tensors():
+    module = Tied()
+    apply_fn, params, buffers = functionalize(module)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    out, _ = apply_fn(leaves, buffers, {"x": torch.randn(2, 3)}, ())
+    grads = torch.autograd.grad(out["out"].sum(), list(leaves.values()))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in module.parameters())  # nothing reached the module's own
+
+
+def test_eager_apply_restores_the_module_when_forward_raises():
+    class Fails(Echo):
+        def forward(self, batch, state_in):
+            raise ValueError("boom")
+
+    module = Fails()
+    own = {k: v for k, v in module.state_dict(keep_vars=True).items()}
+    apply_fn, params, buffers = functionalize(module)
+    with pytest.raises(ValueError, match="boom"):
+        apply_fn({k: torch.zeros_like(v) for k, v in params.items()}, buffers, {"x": torch.randn(1, 3)}, ())
+    assert all(module.state_dict(keep_vars=True)[k] is v for k, v in own.items())
+
+
+def test_unexpected_tensor_is_an_error():
+    apply_fn, params, buffers = functionalize(Echo())
+    with pytest.raises(RuntimeError, match="unexpected.*'extra'"):
+        apply_fn({**params, "extra": torch.zeros(1)}, buffers, {"x": torch.randn(1, 3)}, (torch.zeros(1, 2),))

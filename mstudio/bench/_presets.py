@@ -10,6 +10,8 @@ SHAPES = {"tiny": (2, 4), "small": (4, 32), "1x": (1, 16)}
 VARIANTS = {
     "minestudio_style": "MineStudio's loop on the module: forward, BC, loss.backward(), clip_grad_norm_, "
                         "torch.optim.AdamW + LambdaLR",
-    "eager": "mstudio make_train_step(compile=False)",
+    "eager": "mstudio make_train_step(compile=False), the state donated (step(state, batch, donate=True): the "
+             "update in place) as the Trainer runs it",
+    "eager_pure": "mstudio make_train_step(compile=False) without donation: a new state every step",
     "compiled": "mstudio make_train_step() (default arguments: compiled)",
 }

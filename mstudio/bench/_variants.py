@@ -6,7 +6,8 @@ the loss after each step as a logging loop does (a host sync, inside the timed s
 
 - ``minestudio_style``: MineStudio's per-batch loop (:mod:`mstudio.bench.minestudio_style`) on the module: the
   baseline of every speed-up;
-- ``eager``: ``make_train_step(compile=False)``;
+- ``eager``: ``make_train_step(compile=False)``, the state donated (updated in place) as the Trainer runs it;
+- ``eager_pure``: the same without donation, a new state every step;
 - ``compiled``: ``make_train_step`` with its default arguments.
 """
 
@@ -116,8 +117,9 @@ def minestudio_step(policy: torch.nn.Module) -> Step:
     return lambda batch: float(step(batch)[0]["loss"])
 
 
-def mstudio_step(policy: torch.nn.Module, batch_size: int, *, compile: bool) -> Step:
-    """mstudio's ``make_train_step`` (eager, or compiled with the default arguments), its state held here."""
+def mstudio_step(policy: torch.nn.Module, batch_size: int, *, compile: bool, donate: bool = False) -> Step:
+    """mstudio's ``make_train_step`` (eager, or compiled with the default arguments), its state held here and
+    donated to every step when ``donate``."""
     optimizer = mstudio.optim.adamw(HYPER["lr"], weight_decay=HYPER["weight_decay"],
                                     warmup_steps=HYPER["warmup_steps"], clip_norm=HYPER["clip_norm"])
     objective = _objective()
@@ -126,7 +128,7 @@ def mstudio_step(policy: torch.nn.Module, batch_size: int, *, compile: bool) -> 
     holder = {"state": mstudio.init_state(policy, optimizer, batch_size)}
 
     def step(batch: Mapping[str, Any]) -> float:
-        holder["state"], metrics = train_step(holder["state"], batch)
+        holder["state"], metrics = train_step(holder["state"], batch, donate=donate)
         return float(metrics["loss"])
 
     return step
@@ -136,8 +138,8 @@ def make_step(variant: str, policy: torch.nn.Module, batch_size: int) -> Step:
     """The :data:`VARIANTS` step named ``variant`` for ``policy``; an unknown name raises ``ValueError``."""
     if variant == "minestudio_style":
         return minestudio_step(policy)
-    if variant in ("eager", "compiled"):
-        return mstudio_step(policy, batch_size, compile=variant == "compiled")
+    if variant in ("eager", "eager_pure", "compiled"):
+        return mstudio_step(policy, batch_size, compile=variant == "compiled", donate=variant == "eager")
     raise ValueError(f"unknown bench variant {variant!r}; known: {list(VARIANTS)}")
 
 

@@ -10,6 +10,7 @@ rank 0 alone writes (config, event files, checkpoints, the exported policy) and 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import sys
@@ -48,6 +49,7 @@ from mstudio.trainer.checkpoint import (
     save_checkpoint,
 )
 from mstudio.trainer.config import ConfigError, TrainConfig, config_from_dict, read_config_table
+from mstudio.trainer.interrupt import interrupts_after
 from mstudio.trainer.tensorboard import MetricWriter
 from mstudio.trainer.toml import dump_toml
 
@@ -163,6 +165,10 @@ class Trainer:
         else:
             self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
                                         ema_decay=run.ema_decay, data_parallel=self.world.size > 1)
+        # Eager and alone, the step updates the state in place (donated: 3-10 % faster on VPT); Ctrl-C then waits
+        # for the step to finish. (Compiled, donation changes nothing; data-parallel, a rank held in a collective
+        # by a dead peer must stay interruptible.)
+        self._donate = not run.compile and self._mesh is None and self.world.size == 1
         self._diagnose = self._diagnostics() if config.research.every else None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -360,8 +366,10 @@ class Trainer:
             if every and step % every == 0:  # on the batch the step is about to train on, before the update
                 research = self._diagnose(self._full_state(), normalize_batch(batch))
                 writer.scalars("research", reduce_metrics(_to_host(research)), step)
-            self.state, metrics = self.step(self.state, batch)
-            self._position = self.loader.state_dict()
+            # The state and the loader position that goes with it change together (Ctrl-C saves both).
+            with interrupts_after() if self._donate else contextlib.nullcontext():
+                new_state, metrics = self.step(self.state, batch, donate=self._donate)
+                self.state, self._position = new_state, self.loader.state_dict()
             step += 1
             bar.update(1)
             if check_every and step % check_every == 0:
