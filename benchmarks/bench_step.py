@@ -32,12 +32,12 @@ __all__ = ["HYPER", "add_results_argument", "command_line", "episode_batches", "
 
 RESULTS = Path(__file__).parent / "results"
 BASELINE = ("minestudio_style: mstudio.bench.minestudio_style (MineLightning's per-batch work) on the same module, "
-            "measured in this run, in rounds with the other variants (order rotated each round)")
+            "measured in this run, in rounds with the other variants (order shuffled each round)")
 
 
 def run_interleaved(variants: Mapping[str, Callable[[Any], Any]], batches: list[dict], warmup: int) -> dict:
     """Time ``variants`` (``batch -> scalar loss``) in rounds, one batch per round, each variant once per round
-    in rotated order (:func:`mstudio.bench.run_rounds`); the first ``warmup`` rounds are left out of the median.
+    in shuffled order (:func:`mstudio.bench.run_rounds`); the first ``warmup`` rounds are left out of the median.
 
     Returns:
         ``name -> {"first_call_s", "median_ms", "min_ms", "max_ms", "timed_steps", "final_loss"}``.

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mstudio.bench import (
-    CompileStats, SweepOptions, Workload, bench_markdown, count_flops, rotation, run_rounds, run_sweep, step_flops,
-    summarize, sweep_markdown, sweep_points,
+    CompileStats, SweepOptions, Workload, bench_markdown, count_flops, round_order, run_rounds, run_sweep, step_flops,
+    summarize, sweep_markdown, sweep_points, timed,
 )
 from mstudio.bench._machine import git_commit, machine
 from mstudio.bench._minestudio import MineStudioProcess
@@ -17,17 +17,33 @@ from mstudio.bench._variants import episode_batches
 from mstudio.cli import main
 
 
-def test_rounds_run_every_timer_once_per_round_in_rotated_order():
+def test_rounds_run_every_timer_once_per_round_in_a_shuffled_order():
     calls = []
 
     def stub(name, seconds):
         return lambda round_: calls.append((round_, name)) or seconds
 
-    times = run_rounds({"a": stub("a", 1.0), "b": stub("b", 2.0), "c": stub("c", 3.0)}, rounds=4)
-    assert calls == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"),
-                     (2, "c"), (2, "a"), (2, "b"), (3, "a"), (3, "b"), (3, "c")]
-    assert times == {"a": [1.0] * 4, "b": [2.0] * 4, "c": [3.0] * 4}
-    assert rotation(["x", "y"], 3) == ["y", "x"]
+    names = ["a", "b", "c", "d"]
+    rounds = 48
+    times = run_rounds({n: stub(n, float(i)) for i, n in enumerate(names)}, rounds=rounds)
+    assert times == {n: [float(i)] * rounds for i, n in enumerate(names)}
+    by_round = [[name for r, name in calls if r == round_] for round_ in range(rounds)]
+    assert all(sorted(order) == names for order in by_round)
+    assert by_round == [round_order(names, r) for r in range(rounds)]  # reproducible
+    # unlike a rotation, no timer always runs right after the same one: every ordered pair occurs
+    follows = {(order[i], order[i + 1]) for order in by_round for i in range(len(order) - 1)}
+    assert follows == {(x, y) for x in names for y in names if x != y}
+
+
+def test_timed_steps_lead_times_untimed_then_times_one():
+    calls = []
+    timer = timed(lambda x: calls.append(x), ["b0", "b1"], lead=2)
+    assert timer(1) >= 0.0
+    assert calls == ["b1", "b1", "b1"]
+    timer(0)  # round 0: the first call of all, timed alone
+    assert calls[3:] == ["b0"]
+    with pytest.raises(ValueError, match="lead must be >= 0"):
+        timed(lambda x: None, ["b0"], lead=-1)
 
 
 def test_rounds_reject_no_rounds():

@@ -24,7 +24,7 @@ _ATTRIBUTES = {
     "HYPER": "_presets", "SHAPES": "_presets", "VARIANTS": "_presets",
     "RESULT_FIELDS": "_report", "VARIANT_FIELDS": "_report", "bench_markdown": "_report", "plot_sweep": "_report",
     "sweep_markdown": "_report", "write_json": "_report",
-    "rotation": "_rounds", "run_rounds": "_rounds", "summarize": "_rounds", "timed": "_rounds",
+    "round_order": "_rounds", "run_rounds": "_rounds", "summarize": "_rounds", "timed": "_rounds",
     "BASELINE": "_run", "BenchOptions": "_run", "run_bench": "_run",
     "SweepOptions": "_sweep", "run_sweep": "_sweep", "sweep_points": "_sweep",
     "Workload": "_variants", "episode_batches": "_variants", "make_step": "_variants", "step_flops": "_variants",

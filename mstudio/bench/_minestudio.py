@@ -28,14 +28,16 @@ __all__ = ["MineStudioProcess"]
 
 class MineStudioProcess:
     """``with MineStudioProcess(python, policy, batches, warmup) as timer:`` ``timer(r)`` steps MineStudio's
-    ``VPTPolicy`` on ``batches[r]`` and returns the seconds it took; ``timer.losses`` holds the losses read.
+    ``VPTPolicy`` on ``batches[r]`` ``lead`` times untimed, then once timed, and returns the seconds of the timed
+    step (as :func:`mstudio.bench.timed` does in this process); ``timer.losses`` holds the losses read.
 
     The process's peak resident set is reset before round ``warmup`` and read by :meth:`memory` (CPU only:
     it runs on the CPU).
     """
 
-    def __init__(self, python: str | Path, policy: VPTPolicy, batches: Sequence[dict], warmup: int) -> None:
-        self.python, self.policy, self.batches, self.warmup = str(python), policy, batches, warmup
+    def __init__(self, python: str | Path, policy: VPTPolicy, batches: Sequence[dict], warmup: int, *,
+                 lead: int = 1) -> None:
+        self.python, self.policy, self.batches, self.warmup, self.lead = str(python), policy, batches, warmup, lead
         self.losses: list[float] = []
         self._process: subprocess.Popen | None = None
         self._built_mb: float | None = None
@@ -67,7 +69,7 @@ class MineStudioProcess:
     def __call__(self, round_: int) -> float:
         if round_ == self.warmup:
             reset_peak_memory(pid=self._process.pid)
-        self._process.stdin.write(f"{round_}\n")
+        self._process.stdin.write(f"{round_} {self.lead if round_ else 0}\n")  # as mstudio.bench.timed
         self._process.stdin.flush()
         reply = self._reply()
         self.losses.append(reply["loss"])

@@ -157,7 +157,7 @@ def run_bench(options: BenchOptions, *, command: str | None = None, progress: bo
         "load_average_end": load_average(),
         "workload": {**workload.describe(), "parameters": sum(p.numel() for p in policy.parameters())},
         "protocol": {"repeats": options.repeats, "warmup": options.warmup, "rounds": options.warmup + options.repeats,
-                     "order": "every round runs every timer once, order rotated by one place per round",
+                     "order": "every round runs every timer once, in an order shuffled per round; each turn steps once untimed on the round's batch, then once timed",
                      "baseline": BASELINE, "fresh_processes": options.fresh_processes,
                      "memory_measure": _MEMORY_NOTE[torch.device(workload.device).type]},
         "flops_per_step": flops,

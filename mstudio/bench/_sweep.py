@@ -44,7 +44,7 @@ def sweep_points(options: SweepOptions) -> list[tuple[str, int, Workload]]:
 
 
 def run_sweep(options: SweepOptions, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Time ``options.variants`` at every :func:`sweep_points` point, all in the same rounds (order rotated), with
+    """Time ``options.variants`` at every :func:`sweep_points` point, all in the same rounds (order shuffled), with
     a float32 matmul as the peak; returns the JSON-ready result (one entry per point under ``"points"``)."""
     info = machine()
     rounds = options.warmup + options.repeats
@@ -77,7 +77,8 @@ def run_sweep(options: SweepOptions, *, command: str | None = None, progress: bo
         "load_average_end": load_average(),
         "base": options.base.describe(),
         "protocol": {"repeats": options.repeats, "warmup": options.warmup, "variants": list(options.variants),
-                     "order": "every round runs every point's variants once, order rotated by one place per round; "
+                     "order": "every round runs every point's variants once, in an order shuffled per round; each "
+                              "turn steps once untimed, then once timed; "
                               "one axis varied at a time around the base"},
         "matmul_peak": {"n": options.matmul_size, "median_ms": peak["median_ms"], "gflops": peak_gflops},
         "points": points,

@@ -106,9 +106,9 @@ def _serve_minestudio_vpt(argv: Sequence[str] | None = None) -> None:
     """Step MineStudio's own ``VPTPolicy`` with its ``BehaviorCloneCallback``, one batch per request.
 
     Runs only in a venv with ``minestudio==1.1.6`` (see ``shared/minestudio_reference.md``). Reads the inputs
-    ``mstudio bench`` saved, replies ``{"ready": true}``, then for each line ``<i>`` on stdin steps on batch ``i``
-    (the loss read as a float, as a logging loop does) and replies ``{"seconds": ..., "loss": ...}``; ends at
-    end of input. Each reply is one JSON line after :data:`REPLY`.
+    ``mstudio bench`` saved, replies ``{"ready": true}``, then for each line ``<i> <lead>`` on stdin steps on
+    batch ``i`` ``lead`` times untimed and once timed (the loss read as a float, as a logging loop does) and
+    replies ``{"seconds": ..., "loss": ...}`` of the timed step; ends at end of input. Each reply is one JSON line after :data:`REPLY`.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) != 2 or not argv[1].isdigit():
@@ -130,7 +130,10 @@ def _serve_minestudio_vpt(argv: Sequence[str] | None = None) -> None:
     )
     print(REPLY + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        batch = data["batches"][int(line)]
+        index, lead = map(int, line.split())
+        batch = data["batches"][index]
+        for _ in range(lead):
+            step(batch)
         start = time.perf_counter()
         loss = float(step(batch)[0]["loss"])
         seconds = time.perf_counter() - start
