@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mstudio import trees
+
 __all__ = [
     "CollectiveFailure",
     "PER_RANK_FIELDS",
@@ -222,7 +224,7 @@ def mean_across_ranks(group: dist.ProcessGroup | None = None) -> Callable[[Any],
     name, size = _group_name(group)
 
     def mean(tree: Any) -> Any:
-        leaves, treedef = optree.tree_flatten(tree)
+        leaves, treedef = trees.tree_flatten(tree)  # traced cheaply inside a compiled step (mstudio.trees)
         buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         for i, leaf in enumerate(leaves):
             if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
@@ -235,7 +237,7 @@ def mean_across_ranks(group: dist.ProcessGroup | None = None) -> Callable[[Any],
             summed = [funcol.wait_tensor(t) for t in summed]
             for i, value in zip(positions, torch._foreach_div(summed, float(size))):
                 out[i] = value
-        return optree.tree_unflatten(treedef, out)
+        return trees.tree_unflatten(treedef, out)
 
     return mean
 

@@ -33,6 +33,7 @@ import optree
 import torch
 from torch import Tensor
 
+from mstudio import trees
 from mstudio.optim.checks import POSITIVE, check_number
 
 __all__ = [
@@ -86,7 +87,7 @@ class GradientTransformation(NamedTuple):
 
 
 def _flatten(tree: PyTree):
-    return optree.tree_flatten(tree, none_is_leaf=True)
+    return trees.tree_flatten(tree, none_is_leaf=True)  # traced cheaply inside a compiled step (mstudio.trees)
 
 
 def _with_grad(grads: PyTree) -> tuple[list[int], list[Tensor], list, Any]:
@@ -101,7 +102,7 @@ def _rebuild(treedef, fill: list, present: list[int], values: list) -> PyTree:
     out = list(fill)
     for i, value in zip(present, values):
         out[i] = value
-    return optree.tree_unflatten(treedef, out)
+    return trees.tree_unflatten(treedef, out)
 
 
 def _scalar_for(values: list[Tensor], scalar: Any) -> Any:
@@ -127,7 +128,7 @@ def global_norm(tree: PyTree) -> Tensor:
 
     The norm of the per-leaf norms, as ``torch.nn.utils.clip_grad_norm_`` computes it.
     """
-    leaves = [g for g in optree.tree_leaves(tree, none_is_leaf=True) if g is not None]
+    leaves = [g for g in trees.tree_leaves(tree, none_is_leaf=True) if g is not None]
     if not leaves:
         return torch.zeros(())
     if torch.compiler.is_compiling():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import optree
 import torch
 from torch import Tensor
+
+from mstudio import trees
 
 __all__ = ["carry_memory", "episode_starts"]
 
@@ -33,4 +34,4 @@ def carry_memory(memory: Any, init_memory: Any, restart: Tensor) -> Any:
     def select(carried: Tensor, initial: Tensor) -> Tensor:
         return torch.where(restart.view(-1, *([1] * (carried.dim() - 1))), initial, carried)
 
-    return optree.tree_map(select, memory, init_memory)
+    return trees.tree_map(select, memory, init_memory)

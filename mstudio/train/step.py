@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective, check_output, objective_name
+from mstudio import trees
 from mstudio.batch import check_batch, normalize_batch
 from mstudio.compile import configure_compile_cache
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
@@ -86,7 +87,7 @@ def _keep_if(ok: Tensor, new: Any, old: Any) -> Any:
     leaf the update passed through unchanged (the same tensor) costs no ``where`` (fewer nodes to compile).
     (No Python branch on ``ok``: the pure step never reads a device value; see ``_update_donated`` for the
     path that may.)"""
-    return optree.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old, none_is_leaf=False)
+    return trees.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old)
 
 
 def _ema(ema: dict[str, Tensor] | None, params: dict[str, Tensor], decay: float | None) -> dict[str, Tensor] | None:
@@ -271,7 +272,7 @@ def train_step_parts(
             metrics["lr"] = lr.to(torch.float32)
         # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
         # guards on input strides and a strided view here would recompile it on the second call.
-        carried = optree.tree_map(lambda t: t.detach().contiguous(), computed.state_out)
+        carried = trees.tree_map(lambda t: t.detach().contiguous(), computed.state_out)
         if donate:
             params, opt_state, ema, finite = _update_donated(optimizer, grads, state, current, loss, grad_norm, lr,
                                                              ema_decay, skip_nonfinite)
