@@ -1,7 +1,7 @@
 """The policy protocol: what mstudio asks of a policy module.
 
-A policy is a plain ``nn.Module``; mstudio calls it statelessly through ``torch.func.functional_call``
-(see :mod:`mstudio.bridge`), so it must not write to itself during ``forward``.
+A policy is a plain ``nn.Module``; mstudio calls it statelessly, swapping the state's tensors in for the call as
+``torch.func.functional_call`` does (see :mod:`mstudio.bridge`), so it must not write to itself during ``forward``.
 
 Contract (shapes use ``B`` batch rows, ``T`` time steps):
 

@@ -3,7 +3,7 @@
 What it is: ZeRO-3 memory *at rest*. Between steps each of ``N`` ranks holds ``1 / N`` of every parameter, of the
 EMA and of Adam's two moments (DTensor shards on a 1-D device mesh), and the step returns the gradients as shards
 too. Inside the step the *whole* model is gathered at once (every shard all-gathered, then the plain, unsharded
-module is called through ``torch.func.functional_call``): it is not FSDP2's per-unit gather, which keeps only one
+module is called statelessly, :func:`mstudio.functionalize`): it is not FSDP2's per-unit gather, which keeps only one
 unit in full at a time. (FSDP2's ``fully_shard`` itself does not compose with ``functional_call``: its hooks
 substitute the module's own parameters for the ones passed in; see ``tests/distributed``.)
 
