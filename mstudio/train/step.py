@@ -87,7 +87,14 @@ def _keep_if(ok: Tensor, new: Any, old: Any) -> Any:
     leaf the update passed through unchanged (the same tensor) costs no ``where`` (fewer nodes to compile).
     (No Python branch on ``ok``: the pure step never reads a device value; see ``_update_donated`` for the
     path that may.)"""
-    return trees.tree_map(lambda n, o: n if n is o else torch.where(ok, n, o), new, old)
+    new_leaves, spec = trees.tree_flatten(new)
+    old_leaves, old_spec = trees.tree_flatten(old)
+    if old_spec != spec:
+        raise ValueError(f"_keep_if: the new tree's structure {spec} is not the old one's {old_spec}")
+    kept = []
+    for n, o in zip(new_leaves, old_leaves):  # a loop, not a function per leaf: each call costs dynamo ~1 ms
+        kept.append(n if n is o else torch.where(ok, n, o))
+    return trees.tree_unflatten(spec, kept)
 
 
 def _ema(ema: dict[str, Tensor] | None, params: dict[str, Tensor], decay: float | None) -> dict[str, Tensor] | None:
