@@ -32,6 +32,7 @@ from mstudio.optim.transforms import (
     global_norm,
     identity,
     is_donated,
+    known_global_norm,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "identity",
     "inject_hyperparams",
     "is_donated",
+    "known_global_norm",
     "read_hyperparam",
     "scale_by_adam",
     "scale_by_learning_rate",

@@ -46,6 +46,7 @@ __all__ = [
     "global_norm",
     "identity",
     "is_donated",
+    "known_global_norm",
 ]
 
 PyTree = Any
@@ -123,6 +124,39 @@ def _leaves_matching(tree: PyTree, treedef, what: str) -> list:
     return leaves
 
 
+_KNOWN_NORM = contextvars.ContextVar("mstudio_optim_known_norm", default=None)
+
+
+@contextlib.contextmanager
+def known_global_norm(tree: PyTree, norm: Tensor) -> Iterator[None]:
+    """Within this block :func:`global_norm` of the same leaves as ``tree``'s, none written since, is ``norm``.
+
+    The eager train step takes the gradients' norm for its metrics, and clipping then needs the same one: one
+    pass over the gradients less (~0.4 ms a step on VPT ``tiny``, 2 % of the eager step). Traced code never
+    looks (the compiler merges the two norms itself), and under tracing the block sets nothing (dynamo cannot
+    set a ContextVar)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    leaves = [g for g in trees.tree_leaves(tree, none_is_leaf=True) if g is not None]
+    token = _KNOWN_NORM.set(([(leaf, leaf._version) for leaf in leaves], norm))
+    try:
+        yield
+    finally:
+        _KNOWN_NORM.reset(token)
+
+
+def _known_norm(leaves: list[Tensor]) -> Tensor | None:
+    """The norm :func:`known_global_norm` gave for exactly these tensors, unwritten since; else ``None``."""
+    known = _KNOWN_NORM.get()
+    if known is None or len(known[0]) != len(leaves):
+        return None
+    for leaf, (was, version) in zip(leaves, known[0]):
+        if leaf is not was or leaf._version != version:
+            return None
+    return known[1]
+
+
 def global_norm(tree: PyTree) -> Tensor:
     """L2 norm of all non-``None`` leaves together (float32 scalar; 0 for a tree without leaves).
 
@@ -131,6 +165,10 @@ def global_norm(tree: PyTree) -> Tensor:
     leaves = [g for g in trees.tree_leaves(tree, none_is_leaf=True) if g is not None]
     if not leaves:
         return torch.zeros(())
+    if not torch.compiler.is_compiling():
+        known = _known_norm(leaves)
+        if known is not None:
+            return known
     if torch.compiler.is_compiling():
         # Inductor runs _foreach_norm as one library call per tensor (the step takes three norms: ~300 calls, over
         # 1 ms a step on VPT tiny); per-tensor norms it fuses into the kernels that produce the tensors.

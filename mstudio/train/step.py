@@ -24,7 +24,7 @@ from mstudio.batch import check_batch, normalize_batch
 from mstudio.compile import configure_compile_cache
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
-from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm
+from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm, known_global_norm
 from mstudio.policy import check_policy
 from mstudio.train.checks import (
     check_finite_state,
@@ -125,7 +125,7 @@ def _update_donated(optimizer: GradientTransformation, grads: dict[str, Tensor |
         finite = finite & torch.isfinite(lr)
     if skip_nonfinite and not bool(finite):
         return current, state.opt_state, state.ema, finite
-    with donated():
+    with donated(), known_global_norm(grads, grad_norm):
         updates, opt_state = optimizer.update(grads, state.opt_state, current)
         params = apply_updates(current, updates)
     ema = state.ema
@@ -286,7 +286,8 @@ def train_step_parts(
             if skip_nonfinite and not finite:
                 carried = state.init_memory  # as the pure guard: a skipped batch restarts every row's memory
         else:
-            updates, opt_state = optimizer.update(grads, state.opt_state, current)
+            with known_global_norm(grads, grad_norm):  # eager: clipping reuses it; traced: no effect
+                updates, opt_state = optimizer.update(grads, state.opt_state, current)
             params = apply_updates(current, updates)
             # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the
             # update itself (a NaN learning rate from a schedule, an inf in the optimizer state).

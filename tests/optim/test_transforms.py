@@ -39,3 +39,20 @@ def test_chain_threads_states_and_exposes_the_learning_rate():
 def test_apply_updates_checks_structure():
     with pytest.raises(ValueError, match="structure"):
         optim.apply_updates({"a": torch.ones(1)}, {"b": torch.ones(1)})
+
+
+def test_known_global_norm_is_reused_for_the_same_unwritten_tensors(monkeypatch):
+    grads = {"a": torch.randn(3, 4), "b": None, "c": torch.randn(5)}
+    norm = optim.global_norm(grads)
+    torch.testing.assert_close(norm, torch.cat([grads["a"].flatten(), grads["c"]]).norm())
+    computed = []
+    real_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda leaves: computed.append(1) or real_norm(leaves))
+    marker = torch.tensor(123.0)
+    with optim.known_global_norm(grads, marker):
+        assert optim.global_norm(grads) is marker and computed == []  # reused, nothing computed
+        assert optim.global_norm({"a": grads["a"]}) is not marker  # other leaves: computed
+        grads["c"].mul_(2)  # written in place (a donated clip): the known norm is stale
+        torch.testing.assert_close(optim.global_norm(grads), torch.cat([grads["a"].flatten(), grads["c"]]).norm())
+    assert len(computed) == 2
+    assert optim.global_norm(grads) is not marker  # outside the block: computed again
