@@ -124,6 +124,10 @@ class Trainer:
     and RNG state and resumes only with the same ``N``. The process group stays up after :meth:`fit`; leave it
     with :func:`mstudio.distributed.shutdown_distributed` (``mstudio train`` does).
 
+    ``trainer.state`` is the newest :class:`~mstudio.train.TrainState`. An eager run in one process donates it to
+    every step (updated in place, then spent): to keep a snapshot across :meth:`fit`, copy it
+    (``optree.tree_map(torch.clone, trainer.state)``).
+
     Args:
         config: the run.
         resume: continue the run in its directory from its newest checkpoint (its config is the one given,

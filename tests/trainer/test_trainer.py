@@ -237,3 +237,17 @@ def test_a_checkpoint_from_before_newer_config_keys_resumes(tmp_path, store):
     config_path.write_text(dump_toml(table))
     resumed = Trainer.resume(tmp_path / "old", max_steps=3)
     assert int(resumed.state.step) == 2
+
+
+def test_an_eager_run_donates_its_state_to_every_step(tmp_path, store):
+    trainer = Trainer(config_from_dict(tiny(tmp_path, "donating", store, max_steps=2)))
+    first = trainer.state
+    snapshot = optree.tree_map(torch.clone, first)
+    trainer.fit()
+    # the first state was updated in place and spent: the step refuses it, and its tensors moved on
+    with pytest.raises(RuntimeError, match="donated"):
+        trainer.step(first, next(iter(trainer.loader)))
+    names = list(snapshot.params)
+    assert all(trainer.state.params[n].data_ptr() == first.params[n].data_ptr() for n in names)  # no new tensors
+    assert any(not torch.equal(first.params[n], snapshot.params[n]) for n in names)
+    assert int(trainer.state.step) == 2
