@@ -98,34 +98,30 @@ def _flatten_into(node: Any, leaves: list[Any], none_is_leaf: bool) -> tuple | N
     if kind is dict:
         order = tuple(node)
         keys = tuple(sorted(order))
-        children = []
-        for key in keys:
-            value = node[key]
-            if isinstance(value, torch.Tensor):  # the common case, without a call (each costs dynamo ~1 ms)
-                leaves.append(value)
-                children.append(_LEAF)
-                continue
-            child = _flatten_into(value, leaves, none_is_leaf)
-            if child is None:
-                return None
-            children.append(child)
-        return ("dict", keys, order, tuple(children))
+        children = _flatten_children([node[key] for key in keys], leaves, none_is_leaf)
+        return None if children is None else ("dict", keys, order, children)
     if kind is list or kind is tuple or _is_namedtuple(node):
-        children = []
-        for value in node:
-            if isinstance(value, torch.Tensor):
-                leaves.append(value)
-                children.append(_LEAF)
-                continue
-            child = _flatten_into(value, leaves, none_is_leaf)
-            if child is None:
-                return None
-            children.append(child)
-        return ("seq", kind, tuple(children))
+        children = _flatten_children(node, leaves, none_is_leaf)
+        return None if children is None else ("seq", kind, children)
     if node is None or isinstance(node, (torch.Tensor, bool, int, float, complex, str)):
         leaves.append(node)
         return _LEAF
     return None
+
+
+def _flatten_children(values: Any, leaves: list[Any], none_is_leaf: bool) -> tuple | None:
+    """The structures of a container's ``values`` (:func:`_flatten_into` of each), or ``None`` as it gives."""
+    children = []
+    for value in values:
+        if isinstance(value, torch.Tensor):  # the common case, without a call (each costs dynamo ~1 ms)
+            leaves.append(value)
+            children.append(_LEAF)
+            continue
+        child = _flatten_into(value, leaves, none_is_leaf)
+        if child is None:
+            return None
+        children.append(child)
+    return tuple(children)
 
 
 def _build(node: tuple, leaves: Any) -> Any:
