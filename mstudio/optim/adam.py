@@ -81,4 +81,4 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         new_state = ScaleByAdamState(count, _rebuild(treedef, mu, present, m), _rebuild(treedef, nu, present, v))
         return _rebuild(treedef, leaves, present, direction), new_state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, elementwise=True)

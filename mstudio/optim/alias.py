@@ -43,7 +43,7 @@ def _adamw_chain(
         updates, adam_state = _adamw_in_place(grads, state[1], params, float(lr), float(weight_decay), b1, b2, eps)
         return updates, (clip_state, adam_state, *state[2:])
 
-    return GradientTransformation(pure.init, update)
+    return GradientTransformation(pure.init, update, elementwise=pure.elementwise)
 
 
 def _adamw_in_place(grads: PyTree, state: ScaleByAdamState, params: PyTree, lr: float, weight_decay: float,
@@ -141,5 +141,6 @@ def adamw(
     factory: Callable[..., GradientTransformation] = lambda **values: _adamw_chain(  # noqa: E731
         **values, b1=b1, b2=b2, eps=eps, clip_norm=clip_norm
     )
-    build = inject_hyperparams(factory, learning_rate=lambda values: values["learning_rate"] * values["warmup"])
+    build = inject_hyperparams(factory, learning_rate=lambda values: values["learning_rate"] * values["warmup"],
+                               elementwise=True)
     return build(learning_rate=lr, warmup=linear_warmup(1.0, warmup_steps), weight_decay=weight_decay)

@@ -45,6 +45,7 @@ def inject_hyperparams(
     factory: Callable[..., GradientTransformation],
     *,
     learning_rate: Callable[[Mapping[str, Tensor]], Tensor] | None = None,
+    elementwise: bool = False,
 ) -> Callable[..., GradientTransformation]:
     """Wrap ``factory(**hyperparams) -> GradientTransformation`` so its numeric arguments live in the state.
 
@@ -57,6 +58,8 @@ def inject_hyperparams(
         factory: builds the transformation from its hyper-parameter values.
         learning_rate: ``values -> lr``: how to read the learning rate in force from the values the factory
             receives, so :attr:`GradientTransformation.learning_rate` can report it.
+        elementwise: whether every transformation the factory builds is
+            (:attr:`GradientTransformation.elementwise`); the factory is not called to find out.
     """
 
     def build(**hyperparams: float | Callable[[Tensor], Tensor]) -> GradientTransformation:
@@ -84,7 +87,7 @@ def inject_hyperparams(
             return updates, InjectHyperparamsState(state.count + 1, state.hyperparams, inner_state)
 
         report = None if learning_rate is None else (lambda state: learning_rate(values(state)))
-        return GradientTransformation(init, update, learning_rate=report)
+        return GradientTransformation(init, update, learning_rate=report, elementwise=elementwise)
 
     return build
 

@@ -18,7 +18,7 @@ __all__ = ["add_decayed_weights", "scale_by_learning_rate"]
 
 
 def _stateless(update) -> GradientTransformation:
-    return GradientTransformation(lambda params: (), update)
+    return GradientTransformation(lambda params: (), update, elementwise=True)
 
 
 def scale_by_learning_rate(learning_rate: float | Tensor) -> GradientTransformation:

@@ -82,11 +82,17 @@ class GradientTransformation(NamedTuple):
             ``None`` leaves for parameters that get no gradient.
         learning_rate: ``state -> lr``, the learning rate (float64 0-d tensor) the next update applies, for
             transformations that have one, so a train step can report it without knowing the optimizer.
+        elementwise: the update treats every element alike, so that run on the leaves concatenated into one
+            vector (and the parameter-shaped parts of the state likewise) it gives the concatenation of its
+            results: per-element arithmetic and global norms qualify, per-tensor statistics (LARS, LAMB,
+            Shampoo) do not. A compiled step then updates one flat buffer per dtype instead of every tensor
+            (:mod:`mstudio.train.packing`). ``False``, the default, is always correct.
     """
 
     init: Callable[[PyTree], PyTree]
     update: Callable[[PyTree, PyTree, PyTree], tuple[PyTree, PyTree]]
     learning_rate: Optional[Callable[[PyTree], Tensor]] = None
+    elementwise: bool = False
 
 
 def _flatten(tree: PyTree):
@@ -181,7 +187,7 @@ def global_norm(tree: PyTree) -> Tensor:
 
 def identity() -> GradientTransformation:
     """Passes gradients through unchanged."""
-    return GradientTransformation(lambda params: (), lambda grads, state, params=None: (grads, state))
+    return GradientTransformation(lambda params: (), lambda grads, state, params=None: (grads, state), elementwise=True)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -204,7 +210,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
             return grads, state
         return _rebuild(treedef, leaves, present, torch._foreach_mul(values, coef)), state
 
-    return GradientTransformation(lambda params: (), update)
+    return GradientTransformation(lambda params: (), update, elementwise=True)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -239,7 +245,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     if with_lr:
         index = with_lr[0]
         learning_rate = lambda state: transforms[index].learning_rate(state[index])  # noqa: E731
-    return GradientTransformation(init, update, learning_rate=learning_rate)
+    return GradientTransformation(init, update, learning_rate=learning_rate,
+                                  elementwise=all(t.elementwise for t in transforms))
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:

@@ -38,6 +38,8 @@ from mstudio.train.checks import (
     tensor_versions,
 )
 from mstudio.train.memory import carry_memory, episode_starts
+from mstudio.train.packing import Packing, packing_for
+from mstudio.train.skip import keep_if
 from mstudio.train.state import TrainState, objective_batch
 
 __all__ = [
@@ -82,21 +84,6 @@ def value_and_grad_autograd(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple
     return dict(zip(leaves, grads)), loss.detach(), detach_tree(aux)
 
 
-def _keep_if(ok: Tensor, new: Any, old: Any) -> Any:
-    """Leaf by leaf ``new`` where ``ok`` (a bool 0-d tensor) else ``old``; ``None`` leaves stay ``None``, and a
-    leaf the update passed through unchanged (the same tensor) costs no ``where`` (fewer nodes to compile).
-    (No Python branch on ``ok``: the pure step never reads a device value; see ``_update_donated`` for the
-    path that may.)"""
-    new_leaves, spec = trees.tree_flatten(new)
-    old_leaves, old_spec = trees.tree_flatten(old)
-    if old_spec != spec:
-        raise ValueError(f"_keep_if: the new tree's structure {spec} is not the old one's {old_spec}")
-    kept = []
-    for n, o in zip(new_leaves, old_leaves):  # a loop, not a function per leaf: each call costs dynamo ~1 ms
-        kept.append(n if n is o else torch.where(ok, n, o))
-    return trees.tree_unflatten(spec, kept)
-
-
 def _ema(ema: dict[str, Tensor] | None, params: dict[str, Tensor], decay: float | None) -> dict[str, Tensor] | None:
     """``ema + (1 - decay) * (params - ema)`` per parameter (``torch.lerp``), or ``ema`` when not kept."""
     if ema is None or decay is None:
@@ -133,6 +120,33 @@ def _update_donated(optimizer: GradientTransformation, grads: dict[str, Tensor |
         names = list(ema)
         torch._foreach_lerp_([ema[n] for n in names], [params[n] for n in names], 1 - ema_decay)
     return params, opt_state, ema, finite
+
+
+def _update_pure(optimizer: GradientTransformation, grads: dict[str, Tensor | None], opt_state: Any,
+                 current: dict[str, Tensor], loss: Tensor, grad_norm: Tensor, packing: Packing | None,
+                 skip_nonfinite: bool) -> tuple[dict[str, Tensor], Any, Tensor]:
+    """The optimizer update as new tensors, with the non-finite guard: ``(params, opt_state, finite)``.
+
+    With ``packing`` (traced, an elementwise optimizer), ``grads`` come packed and the parameters and the
+    parameter-shaped parts of ``opt_state`` are packed here, updated as flat buffers and unpacked into views.
+    """
+    old_params, old_opt_state = current, opt_state
+    if packing is not None:
+        old_params, old_opt_state = packing.pack(current), packing.pack_state(opt_state)
+    with known_global_norm(grads, grad_norm):  # eager: clipping reuses it; traced: no effect
+        updates, new_opt_state = optimizer.update(grads, old_opt_state, old_params)
+    params = apply_updates(old_params, updates)
+    # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the update
+    # itself (a NaN learning rate from a schedule, an inf in the optimizer state).
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(global_norm(updates))
+    if packing is None:
+        if skip_nonfinite:
+            params, new_opt_state = keep_if(finite, params, current), keep_if(finite, new_opt_state, opt_state)
+        return params, new_opt_state, finite
+    if skip_nonfinite:  # the packed buffers are this step's own: the guard may write into them
+        params = keep_if(finite, params, old_params, writable=True)
+        new_opt_state = packing.keep_state_if(finite, new_opt_state, old_opt_state, opt_state)
+    return packing.unpack(params, current), packing.unpack_state(new_opt_state, opt_state), finite
 
 
 def train_step_function(
@@ -263,15 +277,21 @@ def train_step_parts(
 
     def update(state: TrainState, batch: Mapping[str, Any], computed: Gradients, *,
                donate: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
-        if grad_reduce is not None:  # before clipping, so the global norm is the norm of the global gradient
-            computed = grad_reduce(computed)
-        loss, out = computed.loss, computed.out
         # Detached: parameters handed in with requires_grad (a state built by hand) would otherwise give a new
         # state that carries an autograd graph, growing by one update every step. (Views: a donated update
         # writes through them into the state's own tensors.)
         current = {name: p.detach() for name, p in state.params.items()}
         # None marks "no gradient": the optimizer leaves those parameters and their moments alone.
         grads = {name: computed.grads.get(name) for name in current}
+        # Traced, an elementwise optimizer runs over one flat buffer per dtype (mstudio.train.packing); packed
+        # first, data-parallel ranks average one buffer rather than every tensor.
+        packing = packing_for(optimizer, grads, current) if torch.compiler.is_compiling() else None
+        if packing is not None:
+            computed = computed._replace(grads=packing.pack(grads))
+        if grad_reduce is not None:  # before clipping, so the global norm is the norm of the global gradient
+            computed = grad_reduce(computed)
+        grads = computed.grads if packing is not None else {name: computed.grads.get(name) for name in current}
+        loss, out = computed.loss, computed.out
         grad_norm = global_norm(grads)
         metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
         lr = optimizer.learning_rate(state.opt_state) if optimizer.learning_rate is not None else None
@@ -286,17 +306,12 @@ def train_step_parts(
             if skip_nonfinite and not finite:
                 carried = state.init_memory  # as the pure guard: a skipped batch restarts every row's memory
         else:
-            with known_global_norm(grads, grad_norm):  # eager: clipping reuses it; traced: no effect
-                updates, opt_state = optimizer.update(grads, state.opt_state, current)
-            params = apply_updates(current, updates)
-            # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the
-            # update itself (a NaN learning rate from a schedule, an inf in the optimizer state).
-            finite = torch.isfinite(loss) & torch.isfinite(grad_norm) & torch.isfinite(global_norm(updates))
+            params, opt_state, finite = _update_pure(optimizer, grads, state.opt_state, current, loss, grad_norm,
+                                                     packing, skip_nonfinite)
             ema = _ema(state.ema, params, ema_decay)
             if skip_nonfinite:
-                params, opt_state = _keep_if(finite, params, current), _keep_if(finite, opt_state, state.opt_state)
-                ema = _keep_if(finite, ema, state.ema)
-                carried = _keep_if(finite, carried, state.init_memory)  # a skipped batch restarts every row's memory
+                ema = keep_if(finite, ema, state.ema)
+                carried = keep_if(finite, carried, state.init_memory)  # a skipped batch restarts every row's memory
         skipped = state.skipped_updates
         if skip_nonfinite:
             skipped = skipped + (~finite).to(skipped.dtype)

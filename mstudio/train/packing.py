@@ -1,0 +1,115 @@
+"""The optimizer's tensors packed into one flat buffer per dtype inside a compiled step.
+
+A VPT policy has ~100 parameter tensors and AdamW with its guard takes ~15 element-wise operations per tensor:
+traced per tensor, that is ~1,500 graph nodes, which inductor fuses, generates and compiles kernel by kernel.
+An :attr:`~mstudio.optim.GradientTransformation.elementwise` optimizer gives the same numbers on the
+concatenation of the tensors, so the compiled step concatenates the gradients, the parameters and every
+parameter-shaped part of the optimizer state into one vector per dtype and device, runs the optimizer, the
+update norm and the guard once over each, and cuts the results back into views of the parameters' shapes.
+Measured on 2 cores (one process, the variants interleaved): a cold compile of VPT ``tiny``'s step 138 -> 77 s and
+of ``small``'s 137 -> 74 s; ``small``'s step 187 -> 180 ms, ``tiny``'s unchanged.
+
+What differs: clipping takes one norm over each buffer instead of the norm of per-tensor norms (the same
+number up to float rounding), and the new state's parameters and moments are views into one buffer per dtype,
+so keeping one tensor of an old state keeps its whole buffer alive.
+
+Only the parameters with a gradient are packed; the rest, and their moments, pass through as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from mstudio.optim import GradientTransformation
+from mstudio.train.skip import keep_if
+
+__all__ = ["Packing", "packing_for"]
+
+
+class Packing:
+    """Where every packed parameter sits: ``groups`` maps a buffer's key (``"float32@cpu"``) to the names in it,
+    in the parameters' order; ``names`` is every parameter's name (the dicts of that key set are
+    parameter-shaped)."""
+
+    def __init__(self, grads: Mapping[str, Tensor | None]):
+        groups: dict[str, list[str]] = {}
+        for name, grad in grads.items():
+            if grad is not None:
+                groups.setdefault(f"{str(grad.dtype).removeprefix('torch.')}@{grad.device}", []).append(name)
+        self.groups = groups
+        self.names = frozenset(grads)
+
+    def pack(self, tree: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+        """``{key: 1-d concatenation of the group's tensors}`` of a parameter-shaped dict."""
+        return {key: torch.cat([tree[name].reshape(-1) for name in names]) for key, names in self.groups.items()}
+
+    def unpack(self, flat: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``like`` (a parameter-shaped dict, in its key order) with each packed entry replaced by the view of
+        ``flat`` that holds it."""
+        out = dict(like)
+        for key, names in self.groups.items():
+            pieces = torch.split(flat[key], [like[name].numel() for name in names])
+            for name, piece in zip(names, pieces):
+                out[name] = piece.view(like[name].shape)
+        return out
+
+    def pack_state(self, tree: Any) -> Any:
+        """``tree`` (an optimizer state) with every parameter-shaped dict in it packed."""
+        if self._is_parameter_shaped(tree):
+            return self.pack(tree)
+        return _rebuilt(tree, [self.pack_state(child) for child in _children(tree)])
+
+    def unpack_state(self, packed: Any, like: Any) -> Any:
+        """The inverse of :meth:`pack_state`: ``packed``'s values in ``like``'s structure."""
+        if self._is_parameter_shaped(like):
+            return self.unpack(packed, like)
+        if not isinstance(like, (dict, tuple, list)):
+            return packed  # a leaf: the new value
+        return _rebuilt(like, [self.unpack_state(p, child) for p, child in zip(_children(packed), _children(like))])
+
+    def keep_state_if(self, ok: Tensor, new: Any, old: Any, like: Any) -> Any:
+        """:func:`~mstudio.train.skip.keep_if` over packed optimizer states ``new`` and ``old`` (``like``, the
+        unpacked state, tells which parts are packed): the packed buffers are written in place (they are
+        concatenations this step made, or made from them), the other leaves get a ``where``."""
+        if self._is_parameter_shaped(like):
+            return keep_if(ok, new, old, writable=True)
+        if not isinstance(like, (dict, tuple, list)):
+            return keep_if(ok, new, old)
+        return _rebuilt(like, [self.keep_state_if(ok, n, o, child)
+                               for n, o, child in zip(_children(new), _children(old), _children(like))])
+
+    def _is_parameter_shaped(self, tree: Any) -> bool:
+        return isinstance(tree, dict) and tree.keys() == self.names
+
+
+def _children(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return list(tree.values())
+    if isinstance(tree, (tuple, list)):
+        return list(tree)
+    return []
+
+
+def _rebuilt(tree: Any, children: list[Any]) -> Any:
+    if isinstance(tree, dict):
+        return dict(zip(tree, children))
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*children)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(children)
+    return tree
+
+
+def packing_for(optimizer: GradientTransformation, grads: Mapping[str, Tensor | None],
+                params: Mapping[str, Tensor]) -> Packing | None:
+    """The packing for one step, or ``None`` when the update must run tensor by tensor: the optimizer is not
+    :attr:`~mstudio.optim.GradientTransformation.elementwise`, or a parameter with a gradient is not
+    contiguous (its view in a flat buffer would have other strides, and the compiled step would recompile)."""
+    if not optimizer.elementwise:
+        return None
+    if not all(params[name].is_contiguous() for name, grad in grads.items() if grad is not None):
+        return None
+    return Packing(grads)
