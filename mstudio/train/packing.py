@@ -26,25 +26,36 @@ from torch import Tensor
 from mstudio.optim import GradientTransformation
 from mstudio.train.skip import keep_if
 
-__all__ = ["Packing", "packing_for"]
+__all__ = ["ALONE_FROM", "Packing", "packing_for"]
+
+
+#: Tensors of at least this many elements keep a buffer of their own (a view of them, not a copy): packing is for
+#: the many small tensors whose per-tensor kernels cost more than their arithmetic; copying a large one into a
+#: shared buffer costs a pass over it (VPT ``tiny``: its 8641-way head is 56 % of the parameters).
+ALONE_FROM = 1 << 16
 
 
 class Packing:
-    """Where every packed parameter sits: ``groups`` maps a buffer's key (``"float32@cpu"``) to the names in it,
-    in the parameters' order; ``names`` is every parameter's name (the dicts of that key set are
+    """Where every packed parameter sits: ``groups`` maps a buffer's key to the names in it, in the parameters'
+    order (``"float32@cpu"``: the tensors of that dtype and device under :data:`ALONE_FROM` elements; a large
+    tensor's own name: that tensor alone); ``names`` is every parameter's name (the dicts of that key set are
     parameter-shaped)."""
 
     def __init__(self, grads: Mapping[str, Tensor | None]):
         groups: dict[str, list[str]] = {}
         for name, grad in grads.items():
-            if grad is not None:
-                groups.setdefault(f"{str(grad.dtype).removeprefix('torch.')}@{grad.device}", []).append(name)
+            if grad is None:
+                continue
+            key = name if grad.numel() >= ALONE_FROM else f"{str(grad.dtype).removeprefix('torch.')}@{grad.device}"
+            groups.setdefault(key, []).append(name)
         self.groups = groups
         self.names = frozenset(grads)
 
     def pack(self, tree: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
-        """``{key: 1-d concatenation of the group's tensors}`` of a parameter-shaped dict."""
-        return {key: torch.cat([tree[name].reshape(-1) for name in names]) for key, names in self.groups.items()}
+        """``{key: the group's tensors as one 1-d tensor}`` of a parameter-shaped dict (a tensor alone in its
+        group: a 1-d view of it)."""
+        return {key: tree[names[0]].reshape(-1) if len(names) == 1 else
+                torch.cat([tree[name].reshape(-1) for name in names]) for key, names in self.groups.items()}
 
     def unpack(self, flat: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``like`` (a parameter-shaped dict, in its key order) with each packed entry replaced by the view of

@@ -7,7 +7,7 @@ import torch
 
 import mstudio
 from mstudio.optim import GradientTransformation
-from mstudio.train.packing import Packing, packing_for
+from mstudio.train.packing import ALONE_FROM, Packing, packing_for
 
 
 def _params():
@@ -37,6 +37,16 @@ def test_pack_groups_by_dtype_and_unpack_restores_every_tensor_in_its_order():
     assert back["value.weight"] is params["value.weight"]  # not packed: passed through
     for name, p in params.items():
         assert back[name].shape == p.shape and back[name].dtype == p.dtype and torch.equal(back[name], p)
+
+
+def test_a_large_tensor_is_a_group_of_its_own_and_packed_without_a_copy():
+    params = {"big": torch.randn(ALONE_FROM), "small": torch.randn(3), "bias": torch.randn(2)}
+    packing = Packing(params)
+    assert packing.groups == {"big": ["big"], "float32@cpu": ["small", "bias"]}
+    flat = packing.pack(params)
+    assert flat["big"].data_ptr() == params["big"].data_ptr()  # a view
+    back = packing.unpack({key: value * 2 for key, value in flat.items()}, params)
+    assert all(torch.equal(back[name], params[name] * 2) for name in params)
 
 
 def test_pack_state_packs_only_the_parameter_shaped_parts_and_unpack_state_inverts_it():
@@ -144,8 +154,11 @@ def test_a_traced_step_packs_an_elementwise_optimizer_and_not_another():
     adamw = mstudio.optim.adamw(1e-3, clip_norm=1.0)
     graph, reached, traced, eager = _traced_step_graph(adamw)
     cats = [node for node in graph.graph.nodes if node.target is torch.cat]
-    # One concatenation each of the gradients, the parameters and Adam's two moments (all float32).
-    assert [len(node.args[0]) for node in cats] == [len(reached)] * 4
+    # One concatenation each of the gradients, the parameters and Adam's two moments (all float32), of every
+    # reached tensor but the large ones (the 8641-way head's weight), which are updated where they are.
+    alone = [name for name in reached if traced.params[name].numel() >= ALONE_FROM]
+    assert alone == ["pi_buttons.weight"]
+    assert [len(node.args[0]) for node in cats] == [len(reached) - len(alone)] * 4
     for name in traced.params:
         torch.testing.assert_close(traced.params[name], eager.params[name], rtol=1e-5, atol=1e-7)
     assert optree.tree_structure(traced) == optree.tree_structure(eager)
