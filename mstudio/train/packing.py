@@ -4,14 +4,17 @@ A VPT policy has ~100 parameter tensors and AdamW with its guard takes ~15 eleme
 traced per tensor, that is ~1,500 graph nodes, which inductor fuses, generates and compiles kernel by kernel.
 An :attr:`~mstudio.optim.GradientTransformation.elementwise` optimizer gives the same numbers on the
 concatenation of the tensors, so the compiled step concatenates the gradients, the parameters and every
-parameter-shaped part of the optimizer state into one vector per dtype and device, runs the optimizer, the
-update norm and the guard once over each, and cuts the results back into views of the parameters' shapes.
-Measured on 2 cores (one process, the variants interleaved): a cold compile of VPT ``tiny``'s step 138 -> 77 s and
-of ``small``'s 137 -> 74 s; ``small``'s step 187 -> 180 ms, ``tiny``'s unchanged.
+parameter-shaped part of the optimizer state into one vector per dtype and device (a tensor of
+:data:`ALONE_FROM` elements or more is instead a 1-d view of its own), runs the optimizer, the update norm and
+the guard once over each, and cuts the results back into views of the parameters' shapes.
+Measured on 2 cores (one process, variants interleaved): a cold compile of VPT ``tiny``'s step 138 -> 88 s and
+of ``small``'s 137 -> 73 s, each step as fast as before (tiny 15.47 vs 15.46 ms, small 204 vs 205 ms). Packing
+the large tensors too compiles ~10 s faster and made ``small`` 4 % faster, but copying ``tiny``'s head three
+times a step made it ~1 ms slower in the bench's rounds (see :data:`ALONE_FROM`).
 
 What differs: clipping takes one norm over each buffer instead of the norm of per-tensor norms (the same
-number up to float rounding), and the new state's parameters and moments are views into one buffer per dtype,
-so keeping one tensor of an old state keeps its whole buffer alive.
+number up to float rounding), and the new state's small parameters and moments are views into one buffer per
+dtype, so keeping one of them from an old state keeps its whole buffer alive.
 
 Only the parameters with a gradient are packed; the rest, and their moments, pass through as they are.
 """
