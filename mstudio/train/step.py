@@ -547,7 +547,9 @@ def make_train_step(
         compile: compile the whole step as one graph (``torch.compile(fullgraph=True)``; on CUDA with CUDA
             graphs). ``False`` runs the same step eagerly. Compiled graphs are cached on disk
             (:mod:`mstudio.compile`: ``$TORCHINDUCTOR_CACHE_DIR``, else ``~/.cache/mstudio/inductor``), so
-            another process building the same step loads it instead of compiling again.
+            another process building the same step loads it instead of compiling again. Compiled, an
+            element-wise optimizer (``adamw``) updates flat buffers (:mod:`mstudio.train.packing`), and the new
+            state's parameters and moments are views into them.
         validate: check every batch's action indices are in range (one device sync per step). Keys, dtypes
             and shapes are always checked.
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA for mixed precision; ``None`` (default) runs in the
