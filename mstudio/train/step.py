@@ -161,6 +161,7 @@ def train_step_function(
     skip_nonfinite: bool = True,
     grad_reduce: GradientReduce | None = None,
     donate: bool = False,
+    pack: bool = True,
 ) -> StepFn:
     """The pure step function for parameters ``reached`` by the objective (the others get no update).
 
@@ -180,11 +181,13 @@ def train_step_function(
             optimizer (data parallelism: :func:`average_across_ranks`); ``None``: nothing in between.
         donate: eager only: the step consumes ``state``, writing the update into its tensors (the returned
             state holds them) instead of allocating new ones; see :meth:`TrainStep.__call__`.
+        pack: traced, run an element-wise optimizer over packed buffers (:mod:`mstudio.train.packing`);
+            ``False``: tensor by tensor.
     """
 
     gradients, update = train_step_parts(apply_fn, objective, optimizer, reached, value_and_grad,
                                          autocast_dtype=autocast_dtype, ema_decay=ema_decay,
-                                         skip_nonfinite=skip_nonfinite, grad_reduce=grad_reduce)
+                                         skip_nonfinite=skip_nonfinite, grad_reduce=grad_reduce, pack=pack)
 
     def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Tensor]]:
         return update(state, batch, gradients(state, batch), donate=donate)
@@ -241,6 +244,7 @@ def train_step_parts(
     ema_decay: float | None = None,
     skip_nonfinite: bool = True,
     grad_reduce: GradientReduce | None = None,
+    pack: bool = True,
 ) -> tuple[Callable[[TrainState, Mapping[str, Any]], Gradients],
            Callable[[TrainState, Mapping[str, Any], Gradients], tuple[TrainState, dict[str, Tensor]]]]:
     """:func:`train_step_function`'s two halves, pure: ``gradients(state, batch) -> Gradients`` (memory carry,
@@ -285,7 +289,7 @@ def train_step_parts(
         grads = {name: computed.grads.get(name) for name in current}
         # Traced, an elementwise optimizer runs over one flat buffer per dtype (mstudio.train.packing); packed
         # first, data-parallel ranks average one buffer rather than every tensor.
-        packing = packing_for(optimizer, grads, current) if torch.compiler.is_compiling() else None
+        packing = packing_for(optimizer, grads, current) if pack and torch.compiler.is_compiling() else None
         if packing is not None:
             computed = computed._replace(grads=packing.pack(grads))
         if grad_reduce is not None:  # before clipping, so the global norm is the norm of the global gradient
@@ -352,10 +356,11 @@ class TrainStep:
 
     def __init__(self, policy: nn.Module, objective: Objective, optimizer: GradientTransformation, *,
                  compile: bool, validate: bool, autocast_dtype: torch.dtype | None, ema_decay: float | None,
-                 skip_nonfinite: bool, data_parallel: bool = False):
+                 skip_nonfinite: bool, data_parallel: bool = False, pack_optimizer: bool = True):
         self.policy, self.objective, self.optimizer = policy, objective, optimizer
         self.compile, self.validate, self.data_parallel = compile, validate, data_parallel
-        self._options = dict(autocast_dtype=autocast_dtype, ema_decay=ema_decay, skip_nonfinite=skip_nonfinite)
+        self._options = dict(autocast_dtype=autocast_dtype, ema_decay=ema_decay, skip_nonfinite=skip_nonfinite,
+                             pack=pack_optimizer)
         self.apply_fn, params, buffers = functionalize(policy)
         self._spec = (tensor_spec(params), tensor_spec(buffers))  # what every state handed in must hold
         self.reached: frozenset[str] | None = None
@@ -525,6 +530,7 @@ def make_train_step(
     ema_decay: float | None = None,
     skip_nonfinite: bool = True,
     data_parallel: bool = False,
+    pack_optimizer: bool = True,
 ) -> TrainStep:
     """Build ``step(state, batch) -> (new_state, metrics)`` for ``policy`` trained on ``objective``.
 
@@ -562,6 +568,9 @@ def make_train_step(
             collectives, still one compiled graph), so every rank applies the same update; each rank passes its own
             rows and keeps its own memory. Launch with torchrun and call
             :func:`mstudio.distributed.init_distributed` first. ``False`` (default): a single process, unchanged.
+        pack_optimizer: compiled, run an element-wise optimizer over packed buffers (:mod:`mstudio.train.packing`;
+            default). ``False``: tensor by tensor, as eagerly (clipping by the norm of per-tensor norms, every
+            new tensor its own; compiling takes longer). No effect on the eager step.
 
     Returns:
         A :class:`TrainStep`; ``metrics`` holds the objective's outputs plus ``grad_norm`` (global norm before
@@ -586,7 +595,9 @@ def make_train_step(
         raise TypeError(f"optimizer must be a mstudio.optim.GradientTransformation, got {type(optimizer).__name__}")
     if ema_decay is not None and not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-    if not isinstance(data_parallel, bool):
-        raise TypeError(f"data_parallel must be a bool, got {type(data_parallel).__name__} {data_parallel!r}")
+    for name, flag in (("data_parallel", data_parallel), ("pack_optimizer", pack_optimizer)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__} {flag!r}")
     return TrainStep(policy, objective, optimizer, compile=compile, validate=validate, autocast_dtype=autocast_dtype,
-                     ema_decay=ema_decay, skip_nonfinite=skip_nonfinite, data_parallel=data_parallel)
+                     ema_decay=ema_decay, skip_nonfinite=skip_nonfinite, data_parallel=data_parallel,
+                     pack_optimizer=pack_optimizer)

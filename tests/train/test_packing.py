@@ -124,7 +124,7 @@ def test_the_elementwise_blocks_say_so(transform):
     assert blocks[transform].elementwise
 
 
-def _traced_step_graph(optimizer):
+def _traced_step_graph(optimizer, pack=True):
     """The dynamo graph of a TinyPolicy step with ``optimizer`` (traced only, not compiled)."""
     import losses
     from mstudio.data.synthetic import random_batch
@@ -137,7 +137,7 @@ def _traced_step_graph(optimizer):
     state = mstudio.init_state(policy, optimizer, batch_size=2)
     reached = reached_parameters(policy, losses.behavior_clone, state, batch)
     apply_fn, _, _ = mstudio.functionalize(policy)
-    step = train_step_function(apply_fn, losses.behavior_clone, optimizer, reached)
+    step = train_step_function(apply_fn, losses.behavior_clone, optimizer, reached, pack=pack)
     graphs = []
 
     def record(gm, example_inputs):
@@ -166,3 +166,13 @@ def test_a_traced_step_packs_an_elementwise_optimizer_and_not_another():
     per_tensor = mstudio.optim.chain(adamw, GradientTransformation(lambda p: (), lambda g, s, p=None: (g, s)))
     graph, *_ = _traced_step_graph(per_tensor)
     assert not [node for node in graph.graph.nodes if node.target is torch.cat]
+
+
+def test_packing_can_be_turned_off():
+    graph, *_ = _traced_step_graph(mstudio.optim.adamw(1e-3, clip_norm=1.0), pack=False)
+    assert not [node for node in graph.graph.nodes if node.target is torch.cat]
+    from mstudio.models import TinyPolicy
+
+    with pytest.raises(TypeError, match="pack_optimizer must be a bool"):
+        mstudio.make_train_step(TinyPolicy(hidsize=16, image_size=16), lambda b, l, p: {"loss": 0},
+                                mstudio.optim.adamw(1e-3), pack_optimizer="no")

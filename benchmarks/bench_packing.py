@@ -1,0 +1,86 @@
+"""The compiled VPT step with its optimizer packed into flat buffers (the default) against tensor by tensor.
+
+Both steps (``make_train_step(pack_optimizer=True / False)``) are built in this process on the same VPT policy,
+batches and hyper-parameters as ``mstudio bench``, each compiled cold in an empty inductor cache directory of its
+own (so each pays the one-time precompilation of inductor's C++ headers; the first also starts the compile
+workers); then they are timed in interleaved rounds (shuffled order, one untimed lead step per turn,
+:func:`mstudio.bench.run_rounds`). See :mod:`mstudio.train.packing`.
+
+    python benchmarks/bench_packing.py                        # VPT tiny
+    python benchmarks/bench_packing.py --size small --repeats 20 --update-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from bench_step import add_results_argument, command_line, header, write_results
+from mstudio.bench import HYPER, episode_batches, machine, run_rounds, summarize, timed
+from mstudio.bench._presets import SHAPES
+
+VARIANTS = {"packed": True, "per_tensor": False}
+BASELINE = "per_tensor: the same compiled step with make_train_step(pack_optimizer=False), in the same rounds"
+
+
+def build(pack: bool, size: str, batch: dict):
+    """``(step, first_call_s)``: the compiled step of VPT ``size`` (``batch -> loss``), after its first call."""
+    import losses
+    import mstudio
+    from mstudio.models import VPTPolicy
+
+    torch.manual_seed(0)
+    policy = VPTPolicy.from_preset(size)
+    optimizer = mstudio.optim.adamw(HYPER["lr"], weight_decay=HYPER["weight_decay"],
+                                    warmup_steps=HYPER["warmup_steps"], clip_norm=HYPER["clip_norm"])
+    train_step = mstudio.make_train_step(policy, losses.weighted(losses.behavior_clone, HYPER["bc_weight"]),
+                                         optimizer, pack_optimizer=pack)
+    holder = {"state": mstudio.init_state(policy, optimizer, SHAPES[size][0])}
+
+    def step(batch: dict) -> float:
+        holder["state"], metrics = train_step(holder["state"], batch)
+        return float(metrics["loss"])
+
+    start = time.perf_counter()
+    step(batch)
+    return step, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--repeats", type=int, default=40, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds")
+    add_results_argument(parser)
+    args = parser.parse_args()
+
+    batch_size, seq_len = SHAPES[args.size]
+    batches = episode_batches(batch_size, seq_len, 64, args.warmup + args.repeats + 1)
+    steps, compile_s = {}, {}
+    for name, pack in VARIANTS.items():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"bench-packing-{name}-")
+        steps[name], compile_s[name] = build(pack, args.size, batches[0])
+    seconds = run_rounds({name: timed(step, batches[1:]) for name, step in steps.items()},
+                         args.warmup + args.repeats, progress="rounds")
+    results = {name: {**summarize(t, args.warmup), "cold_compile_s": compile_s[name]} for name, t in seconds.items()}
+
+    base = results["per_tensor"]["median_ms"]
+    report = {"command": command_line(), "args": vars(args), "machine": machine(), "hyper": HYPER,
+              "baseline": BASELINE, "results": results}
+    lines = header(f"Compiled VPT {args.size} step, B={batch_size} T={seq_len} 64x64: packed optimizer vs per tensor",
+                   report["machine"], report["command"], BASELINE) + [
+        "| variant | median ms/step (min-max) | speed vs per_tensor | cold compile + first step (s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
+                     f"{base / r['median_ms']:.2f}x | {r['cold_compile_s']:.1f} |")
+    write_results(f"packing_{args.size}", report, lines, args.update_results)
+
+
+if __name__ == "__main__":
+    main()
