@@ -7,10 +7,11 @@ concatenation of the tensors, so the compiled step concatenates the gradients, t
 parameter-shaped part of the optimizer state into one vector per dtype and device (a tensor of
 :data:`ALONE_FROM` elements or more is instead a 1-d view of its own), runs the optimizer, the update norm and
 the guard once over each, and cuts the results back into views of the parameters' shapes.
-Measured on 2 cores (one process, variants interleaved): a cold compile of VPT ``tiny``'s step 138 -> 88 s and
-of ``small``'s 137 -> 73 s, each step as fast as before (tiny 15.47 vs 15.46 ms, small 204 vs 205 ms). Packing
-the large tensors too compiles ~10 s faster and made ``small`` 4 % faster, but copying ``tiny``'s head three
-times a step made it ~1 ms slower in the bench's rounds (see :data:`ALONE_FROM`).
+Measured on 2 cores: cold compile of VPT ``tiny``'s and ``small``'s steps 147 / 148 s -> 105 / 105 s (``mstudio
+bench``, fresh processes); the steps, interleaved with the per-tensor ones in one process
+(``benchmarks/bench_packing.py``), tiny 15.18 vs 15.78 ms and small 189.5 vs 191.5 ms. Packing the large tensors
+too compiles a little faster, but copying ``tiny``'s head three times a step made it ~1 ms slower in the
+bench's rounds (see :data:`ALONE_FROM`).
 
 What differs: clipping takes one norm over each buffer instead of the norm of per-tensor norms (the same
 number up to float rounding), and the new state's small parameters and moments are views into one buffer per
