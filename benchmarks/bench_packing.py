@@ -18,36 +18,21 @@ import os
 import tempfile
 import time
 
-import torch
-
 from bench_step import add_results_argument, command_line, header, write_results
 from mstudio.bench import HYPER, episode_batches, machine, run_rounds, summarize, timed
 from mstudio.bench._presets import SHAPES
+from mstudio.bench._variants import Workload, mstudio_step
 
 VARIANTS = {"packed": True, "per_tensor": False}
-FIRST_BUILT = ("packed is built first and also pays the process's one-time c"
-               "ompile costs (imports, compile workers), so its cold compile is over-stated; mstudio bench times cold compiles in fresh processes")
+FIRST_BUILT = ("packed is built first and also pays the process's one-time compile costs (imports, compile "
+               "workers), so its cold compile is over-stated; mstudio bench times cold compiles in fresh processes")
 BASELINE = "per_tensor: the same compiled step with make_train_step(pack_optimizer=False), in the same rounds"
 
 
-def build(pack: bool, size: str, batch: dict):
-    """``(step, first_call_s)``: the compiled step of VPT ``size`` (``batch -> loss``), after its first call."""
-    import losses
-    import mstudio
-    from mstudio.models import VPTPolicy
-
-    torch.manual_seed(0)
-    policy = VPTPolicy.from_preset(size)
-    optimizer = mstudio.optim.adamw(HYPER["lr"], weight_decay=HYPER["weight_decay"],
-                                    warmup_steps=HYPER["warmup_steps"], clip_norm=HYPER["clip_norm"])
-    train_step = mstudio.make_train_step(policy, losses.weighted(losses.behavior_clone, HYPER["bc_weight"]),
-                                         optimizer, pack_optimizer=pack)
-    holder = {"state": mstudio.init_state(policy, optimizer, SHAPES[size][0])}
-
-    def step(batch: dict) -> float:
-        holder["state"], metrics = train_step(holder["state"], batch)
-        return float(metrics["loss"])
-
+def build(pack: bool, workload: Workload, batch: dict):
+    """``(step, first_call_s)``: the compiled step (``batch -> loss``) of ``workload``'s policy, after its first
+    call."""
+    step = mstudio_step(workload.policy(), workload.batch, compile=True, pack_optimizer=pack)
     start = time.perf_counter()
     step(batch)
     return step, time.perf_counter() - start
@@ -61,12 +46,13 @@ def main() -> None:
     add_results_argument(parser)
     args = parser.parse_args()
 
-    batch_size, seq_len = SHAPES[args.size]
-    batches = episode_batches(batch_size, seq_len, 64, args.warmup + args.repeats + 1)
+    workload = Workload.preset(args.size)
+    batch_size, seq_len = workload.batch, workload.seq
+    batches = episode_batches(batch_size, seq_len, workload.image, args.warmup + args.repeats + 1)
     steps, compile_s = {}, {}
     for name, pack in VARIANTS.items():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"bench-packing-{name}-")
-        steps[name], compile_s[name] = build(pack, args.size, batches[0])
+        steps[name], compile_s[name] = build(pack, workload, batches[0])
     seconds = run_rounds({name: timed(step, batches[1:]) for name, step in steps.items()},
                          args.warmup + args.repeats, progress="rounds")
     results = {name: {**summarize(t, args.warmup), "cold_compile_s": compile_s[name]} for name, t in seconds.items()}
@@ -74,7 +60,8 @@ def main() -> None:
     base = results["per_tensor"]["median_ms"]
     report = {"command": command_line(), "args": vars(args), "machine": machine(), "hyper": HYPER,
               "baseline": BASELINE, "results": results}
-    lines = header(f"Compiled VPT {args.size} step, B={batch_size} T={seq_len} 64x64: packed optimizer vs per tensor",
+    lines = header(f"Compiled VPT {args.size} step, B={batch_size} T={seq_len} {workload.image}x{workload.image}: "
+                   "packed optimizer vs per tensor",
                    report["machine"], report["command"], BASELINE) + [
         "| variant | median ms/step (min-max) | speed vs per_tensor | cold compile + first step (s) |",
         "| --- | ---: | ---: | ---: |",

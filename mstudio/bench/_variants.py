@@ -117,13 +117,14 @@ def minestudio_step(policy: torch.nn.Module) -> Step:
     return lambda batch: float(step(batch)[0]["loss"])
 
 
-def mstudio_step(policy: torch.nn.Module, batch_size: int, *, compile: bool, donate: bool = False) -> Step:
-    """mstudio's ``make_train_step`` (eager, or compiled with the default arguments), its state held here and
-    donated to every step when ``donate``."""
+def mstudio_step(policy: torch.nn.Module, batch_size: int, *, compile: bool, donate: bool = False,
+                 pack_optimizer: bool = True) -> Step:
+    """mstudio's ``make_train_step`` (eager, or compiled with the default arguments but ``pack_optimizer``), its
+    state held here and donated to every step when ``donate``."""
     optimizer = mstudio.optim.adamw(HYPER["lr"], weight_decay=HYPER["weight_decay"],
                                     warmup_steps=HYPER["warmup_steps"], clip_norm=HYPER["clip_norm"])
     objective = _objective()
-    train_step = (mstudio.make_train_step(policy, objective, optimizer) if compile
+    train_step = (mstudio.make_train_step(policy, objective, optimizer, pack_optimizer=pack_optimizer) if compile
                   else mstudio.make_train_step(policy, objective, optimizer, compile=False))
     holder = {"state": mstudio.init_state(policy, optimizer, batch_size)}
 

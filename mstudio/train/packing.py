@@ -22,7 +22,7 @@ Only the parameters with a gradient are packed; the rest, and their moments, pas
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -73,49 +73,42 @@ class Packing:
 
     def pack_state(self, tree: Any) -> Any:
         """``tree`` (an optimizer state) with every parameter-shaped dict in it packed."""
-        if self._is_parameter_shaped(tree):
-            return self.pack(tree)
-        return _rebuilt(tree, [self.pack_state(child) for child in _children(tree)])
+        return self._map_parts(tree, self.pack, lambda leaf: leaf, tree)
 
     def unpack_state(self, packed: Any, like: Any) -> Any:
         """The inverse of :meth:`pack_state`: ``packed``'s values in ``like``'s structure."""
-        if self._is_parameter_shaped(like):
-            return self.unpack(packed, like)
-        if not isinstance(like, (dict, tuple, list)):
-            return packed  # a leaf: the new value
-        return _rebuilt(like, [self.unpack_state(p, child) for p, child in zip(_children(packed), _children(like))])
+        return self._map_parts(like, self.unpack, lambda new, _: new, packed, like)
 
     def keep_state_if(self, ok: Tensor, new: Any, old: Any, like: Any) -> Any:
         """:func:`~mstudio.train.skip.keep_if` over packed optimizer states ``new`` and ``old`` (``like``, the
         unpacked state, tells which parts are packed): the packed buffers are written in place (they are
         concatenations this step made, or made from them), the other leaves get a ``where``."""
-        if self._is_parameter_shaped(like):
-            return keep_if(ok, new, old, writable=True)
+        return self._map_parts(like, lambda n, o: keep_if(ok, n, o, writable=True), lambda n, o: keep_if(ok, n, o),
+                               new, old)
+
+    def _map_parts(self, like: Any, on_packed: Callable[..., Any], on_leaf: Callable[..., Any], *trees: Any) -> Any:
+        """Walk ``trees`` (the structure of ``like``, the unpacked state, except where packed) together:
+        ``on_packed`` of their parts where ``like`` is parameter-shaped, ``on_leaf`` of their leaves elsewhere,
+        rebuilt as ``like`` is (plain recursion: traced, optree's walk costs dynamo seconds)."""
+        if isinstance(like, dict) and like.keys() == self.names:
+            return on_packed(*trees)
         if not isinstance(like, (dict, tuple, list)):
-            return keep_if(ok, new, old)
-        return _rebuilt(like, [self.keep_state_if(ok, n, o, child)
-                               for n, o, child in zip(_children(new), _children(old), _children(like))])
-
-    def _is_parameter_shaped(self, tree: Any) -> bool:
-        return isinstance(tree, dict) and tree.keys() == self.names
+            return on_leaf(*trees)
+        parts = zip(_children(like), *(_children(tree) for tree in trees))
+        return _rebuilt(like, [self._map_parts(child, on_packed, on_leaf, *rest) for child, *rest in parts])
 
 
-def _children(tree: Any) -> list[Any]:
-    if isinstance(tree, dict):
-        return list(tree.values())
-    if isinstance(tree, (tuple, list)):
-        return list(tree)
-    return []
+def _children(tree: dict | tuple | list) -> list[Any]:
+    return list(tree.values()) if isinstance(tree, dict) else list(tree)
 
 
-def _rebuilt(tree: Any, children: list[Any]) -> Any:
-    if isinstance(tree, dict):
-        return dict(zip(tree, children))
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*children)
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(children)
-    return tree
+def _rebuilt(like: dict | tuple | list, children: list[Any]) -> Any:
+    """``children`` in a container of ``like``'s kind (and keys)."""
+    if isinstance(like, dict):
+        return dict(zip(like, children))
+    if isinstance(like, tuple) and hasattr(like, "_fields"):
+        return type(like)(*children)
+    return type(like)(children)
 
 
 def packing_for(optimizer: GradientTransformation, grads: Mapping[str, Tensor | None],

@@ -61,15 +61,17 @@ def keep_if(ok: Tensor, new: Any, old: Any, *, writable: bool = False) -> Any:
     changed = [i for i, (n, o) in enumerate(zip(new_leaves, old_leaves)) if n is not o]
     kept = list(new_leaves)
     if writable and torch.compiler.is_compiling():
-        own, seen = [], set()
+        own, rest, seen = [], [], set()
         for i in changed:
             leaf = new_leaves[i]
             if isinstance(leaf, Tensor) and leaf._base is None and id(leaf) not in seen:
                 own.append(i)
                 seen.add(id(leaf))
+            else:
+                rest.append(i)
         if own:
             restore_unless_(ok, [new_leaves[i] for i in own], [old_leaves[i] for i in own])
-        changed = [i for i in changed if i not in own]
+        changed = rest
     for i in changed:
         kept[i] = torch.where(ok, new_leaves[i], old_leaves[i])
     return trees.tree_unflatten(spec, kept)

@@ -291,10 +291,11 @@ def train_step_parts(
         # first, data-parallel ranks average one buffer rather than every tensor.
         packing = packing_for(optimizer, grads, current) if pack and torch.compiler.is_compiling() else None
         if packing is not None:
-            computed = computed._replace(grads=packing.pack(grads))
+            grads = packing.pack(grads)
+            computed = computed._replace(grads=grads)
         if grad_reduce is not None:  # before clipping, so the global norm is the norm of the global gradient
             computed = grad_reduce(computed)
-        grads = computed.grads if packing is not None else {name: computed.grads.get(name) for name in current}
+            grads = computed.grads if packing is not None else {name: computed.grads.get(name) for name in current}
         loss, out = computed.loss, computed.out
         grad_norm = global_norm(grads)
         metrics = {key: torch.as_tensor(value).detach() for key, value in out.items()}
