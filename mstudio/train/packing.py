@@ -5,17 +5,19 @@ traced per tensor, that is ~1,500 graph nodes, which inductor fuses, generates a
 An :attr:`~mstudio.optim.GradientTransformation.elementwise` optimizer gives the same numbers on the
 concatenation of the tensors, so the compiled step concatenates the gradients, the parameters and every
 parameter-shaped part of the optimizer state into one vector per dtype and device (a tensor of
-:data:`ALONE_FROM` elements or more is instead a 1-d view of its own), runs the optimizer, the update norm and
-the guard once over each, and cuts the results back into views of the parameters' shapes.
-Measured on 2 cores: cold compile of VPT ``tiny``'s and ``small``'s steps 147 / 148 s -> 105 / 105 s (``mstudio
-bench``, fresh processes); the steps, interleaved with the per-tensor ones in one process
-(``benchmarks/bench_packing.py``), tiny 15.18 vs 15.78 ms and small 189.5 vs 191.5 ms. Packing the large tensors
-too compiles a little faster, but copying ``tiny``'s head three times a step made it ~1 ms slower in the
-bench's rounds (see :data:`ALONE_FROM`).
+:data:`ALONE_FROM` elements or more is instead a group of its own, as it is), runs the optimizer, the update
+norm and the guard once over each, and copies the results back out into tensors of the parameters' shapes.
+The copies are cheap (the small tensors only) and what keeps tracing cheap: had the new tensors been views of
+the buffers, AOTAutograd's functionalization would replay their view chains as it syncs each output (VPT
+``tiny``'s step: 20 s of AOT tracing with views, 3 s with copies).
+Measured on 2 cores, ``mstudio bench`` (fresh processes): cold compile of VPT ``tiny``'s and ``small``'s steps
+147 / 148 s per tensor, 105 / 105 s packed into views; the steps, interleaved with the per-tensor ones in one
+process (``benchmarks/bench_packing.py``), tiny 15.18 vs 15.78 ms and small 189.5 vs 191.5 ms. Packing the
+large tensors too compiles a little faster, but copying ``tiny``'s head three times a step made it ~1 ms slower
+in the bench's rounds (see :data:`ALONE_FROM`).
 
 What differs: clipping takes one norm over each buffer instead of the norm of per-tensor norms (the same
-number up to float rounding), and the new state's small parameters and moments are views into one buffer per
-dtype, so keeping one of them from an old state keeps its whole buffer alive.
+number up to float rounding).
 
 Only the parameters with a gradient are packed; the rest, and their moments, pass through as they are.
 """
@@ -33,7 +35,7 @@ from mstudio.train.skip import keep_if
 __all__ = ["ALONE_FROM", "Packing", "packing_for"]
 
 
-#: Tensors of at least this many elements keep a buffer of their own (a view of them, not a copy): packing is for
+#: Tensors of at least this many elements are a group of their own, updated as they are (not copied): packing is for
 #: the many small tensors whose per-tensor kernels cost more than their arithmetic; copying a large one into a
 #: shared buffer costs a pass over it (VPT ``tiny``: its 8641-way head is 56 % of the parameters).
 ALONE_FROM = 1 << 16
@@ -57,16 +59,20 @@ class Packing:
 
     def pack(self, tree: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
         """``{key: the group's tensors as one 1-d tensor}`` of a parameter-shaped dict (a tensor alone in its
-        group: a 1-d view of it)."""
-        return {key: tree[names[0]].reshape(-1) if len(names) == 1 else
+        group: that tensor itself)."""
+        return {key: tree[names[0]] if len(names) == 1 else
                 torch.cat([tree[name].reshape(-1) for name in names]) for key, names in self.groups.items()}
 
     def unpack(self, flat: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``like`` (a parameter-shaped dict, in its key order) with each packed entry replaced by the view of
-        ``flat`` that holds it."""
+        """``like`` (a parameter-shaped dict, in its key order) with each packed entry replaced by its part of
+        ``flat``: a copy in the parameter's shape (a tensor alone in its group: ``flat``'s entry itself)."""
         out = dict(like)
         for key, names in self.groups.items():
-            pieces = torch.split(flat[key], [like[name].numel() for name in names])
+            if len(names) == 1:
+                out[names[0]] = flat[key]
+                continue
+            # Copies, not views of flat: see the module's docstring.
+            pieces = torch.split_with_sizes_copy(flat[key], [like[name].numel() for name in names])
             for name, piece in zip(names, pieces):
                 out[name] = piece.view(like[name].shape)
         return out

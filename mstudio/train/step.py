@@ -128,7 +128,7 @@ def _update_pure(optimizer: GradientTransformation, grads: dict[str, Tensor | No
     """The optimizer update as new tensors, with the non-finite guard: ``(params, opt_state, finite)``.
 
     With ``packing`` (traced, an elementwise optimizer), ``grads`` come packed and the parameters and the
-    parameter-shaped parts of ``opt_state`` are packed here, updated as flat buffers and unpacked into views.
+    parameter-shaped parts of ``opt_state`` are packed here, updated as flat buffers and copied back out.
     """
     old_params, old_opt_state = current, opt_state
     if packing is not None:
@@ -555,8 +555,7 @@ def make_train_step(
             graphs). ``False`` runs the same step eagerly. Compiled graphs are cached on disk
             (:mod:`mstudio.compile`: ``$TORCHINDUCTOR_CACHE_DIR``, else ``~/.cache/mstudio/inductor``), so
             another process building the same step loads it instead of compiling again. Compiled, an
-            element-wise optimizer (``adamw``) updates flat buffers (:mod:`mstudio.train.packing`), and the new
-            state's parameters and moments are views into them.
+            element-wise optimizer (``adamw``) updates flat buffers (:mod:`mstudio.train.packing`).
         validate: check every batch's action indices are in range (one device sync per step). Keys, dtypes
             and shapes are always checked.
         autocast_dtype: e.g. ``torch.bfloat16`` on CUDA for mixed precision; ``None`` (default) runs in the
