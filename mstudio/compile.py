@@ -1,4 +1,5 @@
-"""Where compiled steps are cached: a persistent directory for inductor's FX-graph and AOTAutograd caches.
+"""How compiled steps are compiled: the inductor options a caller passes, and where they are cached (a persistent
+directory for inductor's FX-graph and AOTAutograd caches).
 
 Compiling the VPT step costs minutes on a small CPU; with the caches a second process that builds the same
 step (a resumed run, the next experiment with other hyper-parameters) loads the compiled graph and its C++
@@ -11,9 +12,11 @@ unless ``TORCHINDUCTOR_CACHE_DIR`` is set to another directory: then that one is
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CACHE_ENV", "compile_cache_dir", "configure_compile_cache"]
+__all__ = ["CACHE_ENV", "check_compile_options", "compile_cache_dir", "configure_compile_cache", "inductor_options"]
 
 #: The environment variable torch's inductor reads its cache directory from.
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -55,3 +58,35 @@ def configure_compile_cache() -> Path:
                       "writable directory") from error
     os.environ[CACHE_ENV] = str(directory)
     return directory
+
+
+def check_compile_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``options`` (inductor settings for ``torch.compile(options=...)``, e.g. ``{"cpp_wrapper": True}``) as a
+    new dict, ``{}`` for ``None``.
+
+    Raises:
+        TypeError: ``options`` is not a mapping with string keys.
+        ValueError: a key inductor does not know (``torch._inductor.list_options()``), naming it.
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise TypeError(f"compile_options must be a mapping of inductor option names to values, got {options!r}")
+    from torch._inductor import list_options
+
+    unknown = sorted(set(options) - set(list_options()))
+    if unknown:
+        raise ValueError(f"compile_options: unknown inductor option(s) {unknown}; torch._inductor.list_options() "
+                         "lists the known ones (e.g. 'cpp_wrapper', 'max_autotune')")
+    return dict(options)
+
+
+def inductor_options(options: Mapping[str, Any], *, cuda_graphs: bool) -> dict[str, Any]:
+    """What a compiled step passes as ``torch.compile(options=...)``: ``options`` plus, with ``cuda_graphs``,
+    the settings of ``mode="reduce-overhead"`` (torch.compile takes a mode or options, not both; the caller's
+    ``options`` win over the mode's)."""
+    if not cuda_graphs:
+        return dict(options)
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options("reduce-overhead"), **options}

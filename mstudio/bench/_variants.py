@@ -118,13 +118,14 @@ def minestudio_step(policy: torch.nn.Module) -> Step:
 
 
 def mstudio_step(policy: torch.nn.Module, batch_size: int, *, compile: bool, donate: bool = False,
-                 pack_optimizer: bool = True) -> Step:
-    """mstudio's ``make_train_step`` (eager, or compiled with the default arguments but ``pack_optimizer``), its
-    state held here and donated to every step when ``donate``."""
+                 pack_optimizer: bool = True, compile_options: Mapping[str, Any] | None = None) -> Step:
+    """mstudio's ``make_train_step`` (eager, or compiled with the default arguments but ``pack_optimizer`` and
+    ``compile_options``), its state held here and donated to every step when ``donate``."""
     optimizer = mstudio.optim.adamw(HYPER["lr"], weight_decay=HYPER["weight_decay"],
                                     warmup_steps=HYPER["warmup_steps"], clip_norm=HYPER["clip_norm"])
     objective = _objective()
-    train_step = (mstudio.make_train_step(policy, objective, optimizer, pack_optimizer=pack_optimizer) if compile
+    train_step = (mstudio.make_train_step(policy, objective, optimizer, pack_optimizer=pack_optimizer,
+                                          compile_options=compile_options) if compile
                   else mstudio.make_train_step(policy, objective, optimizer, compile=False))
     holder = {"state": mstudio.init_state(policy, optimizer, batch_size)}
 

@@ -8,7 +8,7 @@ cloning on a built-in synthetic store)::
     [objectives]  behavior_clone = 1.0, kl_gaussian = 0.5     (name = weight)
     [optimizer]   lr, weight_decay, warmup_steps, clip_norm, betas, eps
     [run]         name, out, max_steps, log_every, val_every, val_batches, ckpt_every, keep_checkpoints,
-                  ema_decay, compile, seed
+                  ema_decay, compile, cpp_wrapper, seed
     [distributed] timeout, check_replicas_every, shard    (data-parallel runs under torchrun)
 """
 
@@ -105,6 +105,10 @@ class RunConfig:
     """Keep an EMA of the parameters with this decay (used for validation and export); ``None``: off."""
     compile: bool = True
     """Compile the train step into one graph (``torch.compile``); ``False``: eager."""
+    cpp_wrapper: bool = False
+    """Compiled, call the kernels from a C++ wrapper instead of Python (inductor's ``cpp_wrapper``): on 2 CPU
+    cores VPT ``tiny``'s step 6 % faster, ``small``'s 2 %, for 8-16 s more of cold compile. No effect on an
+    eager step."""
     seed: int = 0
     """Seeds the policy's initialisation and the samplers."""
 

@@ -168,7 +168,8 @@ class Trainer:
             self.state = shard_state(self.state, self._mesh)
         else:
             self.step = make_train_step(self.policy, self.objective, self.optimizer, compile=run.compile,
-                                        ema_decay=run.ema_decay, data_parallel=self.world.size > 1)
+                                        ema_decay=run.ema_decay, data_parallel=self.world.size > 1,
+                                        compile_options={"cpp_wrapper": True} if run.cpp_wrapper else None)
         # Eager and alone, the step updates the state in place (donated: 3-10 % faster on VPT); Ctrl-C then waits
         # for the step to finish. (Compiled, donation changes nothing; data-parallel, a rank held in a collective
         # by a dead peer must stay interruptible.)

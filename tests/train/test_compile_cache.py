@@ -1,10 +1,16 @@
-"""The compile cache directory: the user's ``TORCHINDUCTOR_CACHE_DIR`` if set, else a persistent mstudio default."""
+"""The compile cache directory (the user's ``TORCHINDUCTOR_CACHE_DIR`` if set, else a persistent mstudio default)
+and the inductor options a compiled step passes on."""
 
 import os
 
 import pytest
 
-from mstudio.compile import CACHE_ENV, compile_cache_dir, configure_compile_cache
+import losses
+import mstudio
+from mstudio.compile import (CACHE_ENV, check_compile_options, compile_cache_dir, configure_compile_cache,
+                             inductor_options)
+from mstudio.data.synthetic import random_batch
+from mstudio.models import TinyPolicy
 
 
 def test_the_users_directory_is_respected(tmp_path, monkeypatch):
@@ -38,3 +44,46 @@ def test_torchs_own_default_in_the_variable_is_not_taken_for_a_choice(tmp_path, 
     monkeypatch.setenv(CACHE_ENV, default_cache_dir())
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert configure_compile_cache() == tmp_path / "mstudio" / "inductor"
+
+
+def test_compile_options_are_checked_and_copied():
+    options = {"cpp_wrapper": True}
+    assert check_compile_options(None) == {}
+    assert check_compile_options(options) == options and check_compile_options(options) is not options
+    with pytest.raises(ValueError, match=r"unknown inductor option\(s\) \['cpp_wraper'\]"):
+        check_compile_options({"cpp_wraper": True})
+    with pytest.raises(TypeError, match="mapping of inductor option names"):
+        check_compile_options(["cpp_wrapper"])
+
+
+def test_cuda_graphs_join_the_callers_options_which_win():
+    assert inductor_options({"cpp_wrapper": True}, cuda_graphs=False) == {"cpp_wrapper": True}
+    assert inductor_options({}, cuda_graphs=True) == {"triton.cudagraphs": True}
+    assert inductor_options({"triton.cudagraphs": False, "max_autotune": True}, cuda_graphs=True) == {
+        "triton.cudagraphs": False, "max_autotune": True}
+
+
+def test_make_train_step_rejects_unknown_options_before_any_call():
+    policy = TinyPolicy(hidsize=16, image_size=16)
+    with pytest.raises(ValueError, match="nope"):
+        mstudio.make_train_step(policy, losses.weighted(losses.behavior_clone, 0.01), mstudio.optim.adamw(1e-3),
+                                compile_options={"nope": 1})
+
+
+def test_the_compiled_step_hands_its_options_to_torch_compile(monkeypatch):
+    import mstudio.train.step as step_module
+
+    seen = []
+
+    def spy_compile(fn, **kwargs):  # records the arguments, runs the step uncompiled
+        seen.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(step_module.torch, "compile", spy_compile)
+    policy = TinyPolicy(hidsize=16, image_size=16)
+    optimizer = mstudio.optim.adamw(1e-3)
+    step = mstudio.make_train_step(policy, losses.weighted(losses.behavior_clone, 0.01), optimizer,
+                                   compile_options={"cpp_wrapper": True})
+    state = mstudio.init_state(policy, optimizer, 2)
+    step(state, random_batch(2, 4, 16, seed=0))
+    assert seen == [{"fullgraph": True, "options": {"cpp_wrapper": True}}]

@@ -251,3 +251,14 @@ def test_an_eager_run_donates_its_state_to_every_step(tmp_path, store):
     assert all(trainer.state.params[n].data_ptr() == first.params[n].data_ptr() for n in names)  # no new tensors
     assert any(not torch.equal(first.params[n], snapshot.params[n]) for n in names)
     assert int(trainer.state.step) == 2
+
+
+@pytest.mark.parametrize("cpp_wrapper, options", [(False, None), (True, {"cpp_wrapper": True})])
+def test_run_cpp_wrapper_reaches_the_compiled_step(tmp_path, store, monkeypatch, cpp_wrapper, options):
+    import mstudio.trainer.loop as loop
+
+    built = []
+    real = loop.make_train_step
+    monkeypatch.setattr(loop, "make_train_step", lambda *args, **kwargs: built.append(kwargs) or real(*args, **kwargs))
+    Trainer(config_from_dict(tiny(tmp_path, "cpp", store, compile=True, cpp_wrapper=cpp_wrapper)))  # not stepped
+    assert len(built) == 1 and built[0]["compile"] is True and built[0]["compile_options"] == options
