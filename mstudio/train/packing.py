@@ -10,11 +10,11 @@ norm and the guard once over each, and copies the results back out into tensors 
 The copies are cheap (the small tensors only) and what keeps tracing cheap: had the new tensors been views of
 the buffers, AOTAutograd's functionalization would replay their view chains as it syncs each output (VPT
 ``tiny``'s step: 20 s of AOT tracing with views, 3 s with copies).
-Measured on 2 cores, ``mstudio bench`` (fresh processes): cold compile of VPT ``tiny``'s and ``small``'s steps
-147 / 148 s per tensor, 105 / 105 s packed into views; the steps, interleaved with the per-tensor ones in one
-process (``benchmarks/bench_packing.py``), tiny 15.18 vs 15.78 ms and small 189.5 vs 191.5 ms. Packing the
-large tensors too compiles a little faster, but copying ``tiny``'s head three times a step made it ~1 ms slower
-in the bench's rounds (see :data:`ALONE_FROM`).
+Measured on 2 cores: cold compile of VPT ``tiny``'s and ``small``'s steps 147 / 148 s per tensor, 105 / 105 s
+packed into views (``mstudio bench``, fresh processes), 84 / 84 s packed and copied out (one fresh process each);
+the steps, interleaved with the per-tensor ones in one process (``benchmarks/bench_compiled_variants.py``), tiny
+15.22 vs 15.71 ms and small 179.5 vs 180.7 ms. Packing the large tensors too compiles a little faster, but
+copying ``tiny``'s head three times a step made it ~1 ms slower in the bench's rounds (see :data:`ALONE_FROM`).
 
 What differs: clipping takes one norm over each buffer instead of the norm of per-tensor norms (the same
 number up to float rounding).
