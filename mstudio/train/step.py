@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective, check_output, objective_name
 from mstudio import trees
 from mstudio.batch import check_batch, normalize_batch
-from mstudio.compile import check_compile_options, configure_compile_cache, inductor_options
+from mstudio.compile import (check_compile_options, configure_compile_cache, inductor_options,
+                             probe_cpu_compiler_in_background)
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
 from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm, known_global_norm
@@ -466,6 +467,8 @@ class TrainStep:
                                                     traceable, **self._options, grad_reduce=grad_reduce, donate=True)
             return
         configure_compile_cache()  # inductor's FX-graph and AOTAutograd caches in a persistent directory
+        if state.step.device.type == "cpu":
+            probe_cpu_compiler_in_background()  # overlaps inductor's compiler probe with dynamo's tracing
         self._cuda_graphs = state.step.device.type == "cuda"
         # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
         options = inductor_options(self._compile_options, cuda_graphs=self._cuda_graphs)

@@ -8,7 +8,7 @@ import pytest
 import losses
 import mstudio
 from mstudio.compile import (CACHE_ENV, check_compile_options, compile_cache_dir, configure_compile_cache,
-                             inductor_options)
+                             inductor_options, probe_cpu_compiler_in_background)
 from mstudio.data.synthetic import random_batch
 from mstudio.models import TinyPolicy
 
@@ -80,6 +80,8 @@ def test_the_compiled_step_hands_its_options_to_torch_compile(monkeypatch):
         return fn
 
     monkeypatch.setattr(step_module.torch, "compile", spy_compile)
+    probes = []
+    monkeypatch.setattr(step_module, "probe_cpu_compiler_in_background", lambda: probes.append(1))
     policy = TinyPolicy(hidsize=16, image_size=16)
     optimizer = mstudio.optim.adamw(1e-3)
     step = mstudio.make_train_step(policy, losses.weighted(losses.behavior_clone, 0.01), optimizer,
@@ -87,3 +89,26 @@ def test_the_compiled_step_hands_its_options_to_torch_compile(monkeypatch):
     state = mstudio.init_state(policy, optimizer, 2)
     step(state, random_batch(2, 4, 16, seed=0))
     assert seen == [{"fullgraph": True, "options": {"cpp_wrapper": True}}]
+    assert probes == [1]  # on CPU the compiler probe starts before the compile
+
+
+def test_the_compiler_probe_runs_in_a_daemon_thread_and_its_failure_is_ignored(monkeypatch):
+    import threading
+
+    from torch._inductor import cpu_vec_isa
+
+    calls = []
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: calls.append(threading.current_thread().name))
+    thread = probe_cpu_compiler_in_background()
+    thread.join(timeout=10)
+    assert thread.daemon and not thread.is_alive() and calls == ["mstudio-cpu-compiler-probe"]
+
+    def broken():
+        raise RuntimeError("no compiler")
+
+    hooked = []
+    monkeypatch.setattr(threading, "excepthook", hooked.append)  # an escaping exception would land here
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", broken)
+    thread = probe_cpu_compiler_in_background()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and hooked == []
