@@ -87,8 +87,8 @@ class Packing:
 
     def keep_state_if(self, ok: Tensor, new: Any, old: Any, like: Any) -> Any:
         """:func:`~mstudio.train.skip.keep_if` over packed optimizer states ``new`` and ``old`` (``like``, the
-        unpacked state, tells which parts are packed): the packed buffers are written in place (they are
-        concatenations this step made, or made from them), the other leaves get a ``where``."""
+        unpacked state, tells which parts are packed): the packed buffers are written in place (the optimizer's
+        new tensors, made this step), the other leaves get a ``where``."""
         return self._map_parts(like, lambda n, o: keep_if(ok, n, o, writable=True), lambda n, o: keep_if(ok, n, o),
                                new, old)
 
@@ -121,7 +121,8 @@ def packing_for(optimizer: GradientTransformation, grads: Mapping[str, Tensor | 
                 params: Mapping[str, Tensor]) -> Packing | None:
     """The packing for one step, or ``None`` when the update must run tensor by tensor: the optimizer is not
     :attr:`~mstudio.optim.GradientTransformation.elementwise`, or a parameter with a gradient is not
-    contiguous (its view in a flat buffer would have other strides, and the compiled step would recompile)."""
+    contiguous (its copy out of a flat buffer would be contiguous: the next state would have other strides, and
+    the compiled step would recompile)."""
     if not optimizer.elementwise:
         return None
     if not all(params[name].is_contiguous() for name, grad in grads.items() if grad is not None):
