@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from mstudio import host_memory
 from mstudio.bench import (
     CompileStats, SweepOptions, Workload, bench_markdown, count_flops, round_order, run_rounds, run_sweep, step_flops,
     summarize, sweep_markdown, sweep_points, timed,
@@ -176,6 +177,8 @@ def test_cli_bench_writes_json_with_every_field(cli_result):
     assert result["command"] == (f"mstudio bench --config tiny --repeats 1 --warmup 0 --no-compile --json {out}/r.json "
                                  f"--markdown {out}/r.md")
     assert {"cpu", "cpus_available", "cpus_total", "torch", "torch_threads", "git_commit"} <= set(result["machine"])
+    # a CPU bench runs every variant with malloc keeping freed blocks, as a CPU TrainStep would (glibc only)
+    assert result["machine"]["malloc_keeps_freed_memory"] is (host_memory._glibc_mallopt() is not None)
     assert result["workload"]["batch"] == 2 and result["workload"]["frames_per_step"] == 8
     assert result["flops_per_step"] > 0 and result["matmul_peak"]["gflops"] > 0
     assert list(result["variants"]) == ["minestudio_style", "eager", "eager_pure"]
@@ -206,6 +209,8 @@ def test_cli_bench_markdown_has_every_column_and_variant(cli_result):
     for name, variant in result["variants"].items():
         assert f"| {name} | {variant['median_ms']:.2f}" in text
     assert result["machine"]["cpu"] in text and f"{result['flops_per_step'] / 1e9:.3f} GFLOP" in text
+    kept = result["machine"]["malloc_keeps_freed_memory"]
+    assert ("- malloc: keeps freed blocks" in text) is kept and ("- malloc: as the system has it" in text) is not kept
 
 
 def test_cli_bench_plot_needs_a_sweep(capsys):

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from mstudio.host_memory import keeps_freed_memory
+
 __all__ = ["command_line", "git_commit", "load_average", "machine"]
 
 
@@ -65,7 +67,8 @@ def load_average() -> list[float] | None:
 
 def machine() -> dict[str, Any]:
     """CPU model, CPUs available to this process and in total, torch version and intra-op threads, CUDA device
-    (if any), Python, platform, the git commit of mstudio, and the load average now."""
+    (if any), Python, platform, the git commit of mstudio, the load average now, and whether malloc keeps freed
+    blocks (:mod:`mstudio.host_memory`)."""
     return {
         "cpu": _cpu_model(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -77,4 +80,5 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "git_commit": git_commit(),
         "load_average": load_average(),
+        "malloc_keeps_freed_memory": keeps_freed_memory(),
     }

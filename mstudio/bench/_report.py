@@ -44,6 +44,9 @@ def _machine_lines(result: Mapping[str, Any]) -> list[str]:
         f"- mstudio commit: {commit}; load average (1, 5, 15 min) at start {m['load_average']}, at end "
         f"{result['load_average_end']}",
         f"- Command: `{result['command']}`",
+        "- malloc: " + ("keeps freed blocks (mstudio.host_memory), for every variant in this process; MineStudio's "
+                        "own process, if timed, runs as shipped" if m.get("malloc_keeps_freed_memory")
+                        else "as the system has it"),
     ]
 
 

@@ -20,6 +20,7 @@ from mstudio.bench._measure import CompileStats, matmul_timer
 from mstudio.bench._minestudio import MineStudioProcess
 from mstudio.bench._rounds import Timer, run_rounds, summarize, timed
 from mstudio.bench._variants import VARIANTS, Step, Workload, episode_batches, make_step, step_flops
+from mstudio.host_memory import reuse_freed_memory
 
 __all__ = ["BASELINE", "BenchOptions", "run_bench"]
 
@@ -136,6 +137,8 @@ def run_bench(options: BenchOptions, *, command: str | None = None, progress: bo
         :data:`mstudio.bench.VARIANT_FIELDS`).
     """
     workload = options.workload
+    if torch.device(workload.device).type == "cpu":
+        reuse_freed_memory()  # as a CPU TrainStep would: every variant here then runs with it
     info = machine()
     policy = workload.policy()
     batches = episode_batches(workload.batch, workload.seq, workload.image, options.warmup + options.repeats,

@@ -25,6 +25,7 @@ from mstudio.compile import (check_compile_options, configure_compile_cache, ind
                              probe_cpu_compiler_in_background)
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
+from mstudio.host_memory import reuse_freed_memory
 from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm, known_global_norm
 from mstudio.policy import check_policy
 from mstudio.train.checks import (
@@ -450,6 +451,8 @@ class TrainStep:
             )
         check_opt_state(state, self.optimizer)
         check_finite_state(state)
+        if state.step.device.type == "cpu":
+            reuse_freed_memory()  # a CPU step's large buffers are allocated per call: no page faults for them
         self.reached = reached_parameters(self.policy, self.objective, state, batch)
         grad_reduce = None
         if self.data_parallel:
@@ -552,6 +555,9 @@ def make_train_step(
        with ``skip_nonfinite``, a non-finite loss, gradient or update leaves parameters and optimizer state as
        they were; the EMA follows the parameters when kept;
     5. ``memory = state_out`` detached (truncated BPTT), ``last_timestamp = timestamp[:, -1]``, ``step + 1``.
+
+    On its first call with a CPU state the step makes the process's malloc keep the large blocks it frees
+    (:func:`mstudio.host_memory.reuse_freed_memory`; ``MSTUDIO_MALLOC=system`` opts out).
 
     Args:
         policy: an ``nn.Module`` following :mod:`mstudio.policy`.
