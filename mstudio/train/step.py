@@ -375,6 +375,11 @@ class TrainStep:
         self._cuda_graphs = False
         self._donating_fn: StepFn | None = None  # eager, in place; None when compiled
 
+    @property
+    def built(self) -> bool:
+        """Whether the first call has run: the checks done and, compiled, the step traced and compiled."""
+        return self._step_fn is not None
+
     def __call__(self, state: TrainState, batch: Mapping[str, Any], *,
                  donate: bool = False) -> tuple[TrainState, dict[str, Tensor]]:
         """One step: ``(new_state, metrics)``; ``state`` and ``batch`` are left as they are unless ``donate``.

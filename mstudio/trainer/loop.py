@@ -344,6 +344,11 @@ class Trainer:
         ``log_every`` steps, validation every ``val_every`` and checkpoints every ``ckpt_every``, and both
         at ``run.max_steps``.
 
+        ``steps_per_s`` and ``frames_per_s`` are training throughput: the steps since the last log over the time
+        they took, loading included; the first step of the call (its compile, on a fresh process) and the time
+        spent in research diagnostics, validation and checkpoints are left out. A log with no such step yet (the
+        first step, with ``log_every = 1``) has no rates.
+
         Data-parallel, every rank runs it; the metrics logged are means over ranks (the step's own already are;
         research diagnostics, computed on each rank's rows, are averaged) and ``frames_per_s`` counts every
         rank's frames; a collective that fails (a rank died or passed ``distributed.timeout``) raises
@@ -363,38 +368,49 @@ class Trainer:
         summary: dict[str, Any] = {"first_loss": None, "last_loss": None, "val": {}}
         bar = tqdm(total=run.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.world.rank != 0)
-        since, since_step = time.perf_counter(), step
+        if step < stop and self.step.compile and not self.step.built:
+            bar.set_postfix_str("compiling the step (cold: a minute or more on a CPU; cached after)")
         every = self.config.research.every
         check_every = self.config.distributed.check_replicas_every if self.world.size > 1 else 0
+        # Throughput counts from the end of this call's first step (the compile) and leaves out the pauses.
+        since, since_step, paused = None, step, 0.0
         while step < stop:
             batch = next(self._batch_stream)
             if every and step % every == 0:  # on the batch the step is about to train on, before the update
+                start = time.perf_counter()
                 research = self._diagnose(self._full_state(), normalize_batch(batch))
                 writer.scalars("research", reduce_metrics(_to_host(research)), step)
+                paused += time.perf_counter() - start
             # The state and the loader position that goes with it change together (Ctrl-C saves both).
             with interrupts_after() if self._donate else contextlib.nullcontext():
                 new_state, metrics = self.step(self.state, batch, donate=self._donate)
                 self.state, self._position = new_state, self.loader.state_dict()
             step += 1
             bar.update(1)
+            if since is None:
+                since, since_step, paused = time.perf_counter(), step, 0.0
             if check_every and step % check_every == 0:
                 check_replicas(self._full_state())  # sharded: the gathered state, equal on every rank
             if step % run.log_every == 0 or step == run.max_steps:
                 host = _to_host(metrics)
                 now = time.perf_counter()
-                host["steps_per_s"] = (step - since_step) / (now - since)
-                host["frames_per_s"] = host["steps_per_s"] * frames_per_step
+                if step > since_step:
+                    host["steps_per_s"] = (step - since_step) / (now - since - paused)
+                    host["frames_per_s"] = host["steps_per_s"] * frames_per_step
                 host = reduce_metrics(host)  # the step's metrics already are means over ranks; the rates not
-                since, since_step = now, step
+                since, since_step, paused = now, step, 0.0
                 writer.scalars("train", host, step)
                 summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else host["loss"]
                 summary["last_loss"] = host["loss"]
-                bar.set_postfix(loss=f"{host['loss']:.4g}", steps_s=f"{host['steps_per_s']:.1f}",
-                                frames_s=f"{host['frames_per_s']:.0f}")
+                rates = ({"steps_s": f"{host['steps_per_s']:.1f}", "frames_s": f"{host['frames_per_s']:.0f}"}
+                         if "steps_per_s" in host else {})
+                bar.set_postfix(loss=f"{host['loss']:.4g}", **rates)
+            start = time.perf_counter()
             if (run.val_every and step % run.val_every == 0) or step == run.max_steps:
                 summary["val"] = self.validate()
                 writer.scalars("val", summary["val"], step)
             if (run.ckpt_every and step % run.ckpt_every == 0) or step == run.max_steps:
                 self._save()
+            paused += time.perf_counter() - start
         bar.close()
         return summary

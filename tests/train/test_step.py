@@ -90,6 +90,13 @@ def test_step_leaves_state_and_batch_untouched():
     assert "step" not in batch
 
 
+def test_a_step_is_built_by_its_first_call():
+    state, step = make(CountingPolicy())
+    assert not step.built
+    step(state, random_batch(2, 4, 8))
+    assert step.built
+
+
 def test_metrics_hold_objective_outputs_lr_and_grad_norm():
     state, step = make(CountingPolicy())
     lrs = []

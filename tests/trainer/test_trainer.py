@@ -5,6 +5,7 @@ Every run is tiny and eager (VPT ``tiny``, B=2, T=4, ``run.compile = false``) on
 
 import json
 import shutil
+import time
 import tomllib
 from pathlib import Path
 
@@ -88,6 +89,31 @@ def test_event_files_hold_train_and_val_scalars_and_hparams(tmp_path, store):
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3]
     assert [event.step for event in events.Scalars("val/loss")] == [2, 3]
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(events.PluginTagToContent("hparams"))
+
+
+def test_throughput_leaves_out_the_first_step_validation_and_checkpoints(tmp_path, store, monkeypatch):
+    # Validation and checkpoints each stall 1 s here; the rates count only the steps' own time, so a step of the
+    # tiny policy (well under 1 s) gives more than 1 step/s, where counting the stalls would give under 0.5.
+    trainer = Trainer(config_from_dict(tiny(tmp_path, "rates", store, max_steps=4, val_every=1, ckpt_every=1)))
+    validate, save = trainer.validate, trainer._save
+
+    def slow(run):
+        def wrapped():
+            time.sleep(1.0)
+            return run()
+        return wrapped
+
+    monkeypatch.setattr(trainer, "validate", slow(validate))
+    monkeypatch.setattr(trainer, "_save", slow(save))
+    trainer.fit()
+    events = EventAccumulator(str(tmp_path / "rates"))
+    events.Reload()
+    rates = events.Scalars("train/steps_per_s")
+    assert [e.step for e in rates] == [2, 3, 4]  # the first step (a compile, on a fresh process) has no rate
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert all(e.value > 1.0 for e in rates), [e.value for e in rates]
+    frames = events.Scalars("train/frames_per_s")
+    assert [f.value for f in frames] == pytest.approx([r.value * 2 * 4 for r in rates])  # B 2 x T 4 frames a step
 
 
 def test_research_diagnostics_are_logged_every_n_steps_and_change_no_training(tmp_path, store):
