@@ -368,7 +368,8 @@ class Trainer:
         summary: dict[str, Any] = {"first_loss": None, "last_loss": None, "val": {}}
         bar = tqdm(total=run.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=self.world.rank != 0)
-        if step < stop and self.step.compile and not self.step.built:
+        compiling = step < stop and self.step.compile and not self.step.built
+        if compiling:
             bar.set_postfix_str("compiling the step (cold: a minute or more on a CPU; cached after)")
         every = self.config.research.every
         check_every = self.config.distributed.check_replicas_every if self.world.size > 1 else 0
@@ -389,6 +390,8 @@ class Trainer:
             bar.update(1)
             if since is None:
                 since, since_step, paused = time.perf_counter(), step, 0.0
+                if compiling:
+                    bar.set_postfix_str("")
             if check_every and step % check_every == 0:
                 check_replicas(self._full_state())  # sharded: the gathered state, equal on every rank
             if step % run.log_every == 0 or step == run.max_steps:

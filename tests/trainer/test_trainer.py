@@ -116,6 +116,32 @@ def test_throughput_leaves_out_the_first_step_validation_and_checkpoints(tmp_pat
     assert [f.value for f in frames] == pytest.approx([r.value * 2 * 4 for r in rates])  # B 2 x T 4 frames a step
 
 
+def test_the_bar_says_the_step_is_compiling_until_its_first_call_returns(tmp_path, store, monkeypatch):
+    import mstudio.trainer.loop as loop
+
+    trainer = Trainer(config_from_dict(tiny(tmp_path, "bar", store, max_steps=2, val_every=0)))
+    eager = trainer.step
+
+    class NotYetCompiled:  # stands for a compiled step before its first call, and runs the eager one
+        compile, built = True, False
+
+        def __call__(self, *args, **kwargs):
+            return eager(*args, **kwargs)
+
+    trainer.step = NotYetCompiled()
+    postfixes, make_bar = [], loop.tqdm
+
+    def recording_bar(*args, **kwargs):
+        bar = make_bar(*args, **kwargs)
+        set_postfix_str = bar.set_postfix_str
+        bar.set_postfix_str = lambda text="", refresh=True: (postfixes.append(text), set_postfix_str(text, refresh))
+        return bar
+
+    monkeypatch.setattr(loop, "tqdm", recording_bar)
+    trainer.fit()
+    assert postfixes[0].startswith("compiling the step") and postfixes[1] == ""
+
+
 def test_research_diagnostics_are_logged_every_n_steps_and_change_no_training(tmp_path, store):
     table = tiny(tmp_path, "research", store, max_steps=5, val_every=0)
     with_research = Trainer(config_from_dict({**table, "research": {"every": 2}}))
