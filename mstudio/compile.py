@@ -11,6 +11,7 @@ unless ``TORCHINDUCTOR_CACHE_DIR`` is set to another directory: then that one is
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from collections.abc import Mapping
@@ -105,6 +106,13 @@ def probe_cpu_compiler_in_background() -> threading.Thread | None:
     such probe; a probe that fails is ignored (inductor probes again, and reports, when it needs the answer).
     """
     try:
+        # Imported here, so the thread only runs the compiler: its lazy imports (inductor's code cache,
+        # torch.utils.cpp_extension and with it setuptools, whose distutils shim edits sys.meta_path) would
+        # otherwise run while this thread imports modules to trace the step. One cold compile failed so, with a
+        # ModuleNotFoundError for a module that exists.
+        for module in ("torch._inductor.codecache", "torch._inductor.cpp_builder", "torch.utils._filelock",
+                       "torch.utils.cpp_extension"):
+            importlib.import_module(module)
         from torch._inductor.cpu_vec_isa import pick_vec_isa
     except ImportError:
         return None

@@ -112,3 +112,24 @@ def test_the_compiler_probe_runs_in_a_daemon_thread_and_its_failure_is_ignored(m
     thread = probe_cpu_compiler_in_background()
     thread.join(timeout=10)
     assert not thread.is_alive() and hooked == []
+
+
+def test_the_compiler_probe_thread_imports_nothing(tmp_path):
+    # Its imports happen in the caller (the main thread, before tracing): imports racing the tracer's, setuptools'
+    # edits of sys.meta_path among them, can make a module that exists fail to import. A fresh process, so
+    # nothing is imported already.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, mstudio\n"
+        "from mstudio.compile import probe_cpu_compiler_in_background\n"
+        "thread = probe_cpu_compiler_in_background()\n"
+        "started = set(sys.modules)\n"
+        "thread.join()\n"
+        "print(sorted(set(sys.modules) - started))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, CACHE_ENV: str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
