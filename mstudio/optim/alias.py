@@ -48,10 +48,12 @@ def _adamw_chain(
 
 def _adamw_in_place(grads: PyTree, state: ScaleByAdamState, params: PyTree, lr: float, weight_decay: float,
                     b1: float, b2: float, eps: float) -> tuple[PyTree, ScaleByAdamState]:
-    """AdamW's update written into ``params`` and ``state``'s moments, eagerly, in ``torch.optim.AdamW``'s own
-    order of operations (``p *= 1 - lr wd``, moments, ``p += -lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``):
-    8 passes over the parameters where the chain of blocks takes 12 (VPT ``1x``'s 71 M parameters: ~60 ms of a
-    ~1 s eager step). Parameters without a gradient and their moments are left alone.
+    """AdamW's update written into ``params`` and ``state``'s moments, eagerly: on CPU and CUDA by torch's fused
+    AdamW kernel (``torch.optim.AdamW(fused=True)``'s, one pass over each tensor), elsewhere in
+    ``torch.optim.AdamW``'s own order of foreach operations (``p *= 1 - lr wd``, moments,
+    ``p += -lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``: 8 passes where the chain of blocks takes 12). On 2 CPU
+    cores the fused kernel takes 1.2 ms over VPT ``tiny``'s 1 M parameters (foreach: 3.5 ms) and 3.9 ms over
+    ``small``'s 4.6 M (15.9 ms). Parameters without a gradient and their moments are left alone.
 
     Returns:
         ``(updates, new_state)``: all-``None`` updates (the parameters already hold the result) and the state.
@@ -66,6 +68,17 @@ def _adamw_in_place(grads: PyTree, state: ScaleByAdamState, params: PyTree, lr: 
         _leaves_matching(state.mu, treedef, "Adam's first moments"),
         _leaves_matching(state.nu, treedef, "Adam's second moments")))
     steps = int(count)
+    contiguous_g = [t.contiguous() for t in g]  # see _fused_groups (a copy only where a gradient is not)
+    groups = _fused_groups(p, contiguous_g, m, v)
+    if groups is not None:
+        g = contiguous_g
+        for (device, _), indices in groups.items():
+            # torch.optim keeps a float32 step per parameter on its device; every parameter here shares one.
+            step = torch.full((), float(steps), dtype=torch.float32, device=device)
+            torch._fused_adamw_([p[i] for i in indices], [g[i] for i in indices], [m[i] for i in indices],
+                                [v[i] for i in indices], [], [step] * len(indices), lr=lr, beta1=b1, beta2=b2,
+                                weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        return updates, state._replace(count=count)
     torch._foreach_mul_(p, 1 - lr * weight_decay)
     torch._foreach_lerp_(m, g, 1 - b1)
     torch._foreach_mul_(v, b2)
@@ -75,6 +88,34 @@ def _adamw_in_place(grads: PyTree, state: ScaleByAdamState, params: PyTree, lr: 
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(p, m, denom, value=-lr / (1 - b1**steps))
     return updates, state._replace(count=count)
+
+
+#: Devices torch's fused AdamW kernel runs on, and the dtypes it takes there.
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _fused_groups(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]] | None:
+    """Indices of the parameters grouped by device and dtype, for one fused call each; ``None`` when the fused
+    kernel does not apply: another device or dtype, a gradient or moment of another dtype or device than its
+    parameter, a sparse or non-contiguous tensor, or a torch without the kernel.
+
+    Non-contiguous is refused because the kernel walks every tensor's memory in order: torch 2.13's CPU kernel
+    given a channels-last gradient for a contiguous parameter (a convolution's weight, eagerly) pairs the wrong
+    elements and updates the parameter wrongly without an error (``torch.optim.AdamW(fused=True)`` too).
+    :func:`_adamw_in_place` passes gradients contiguous.
+    """
+    if not hasattr(torch, "_fused_adamw_"):
+        return None
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, tensors in enumerate(zip(*tensor_lists)):
+        first = tensors[0]
+        if (first.device.type not in _FUSED_DEVICES or first.dtype not in _FUSED_DTYPES
+                or any(t.device != first.device or t.dtype != first.dtype or t.layout != torch.strided
+                       or not t.is_contiguous() for t in tensors)):
+            return None
+        groups.setdefault((first.device, first.dtype), []).append(i)
+    return groups
 
 
 def _check_adamw_args(
@@ -121,8 +162,9 @@ def adamw(
     (``-lr * ((m / bc1) / denom)``), so a step can differ from torch's by one rounding of the *step*, which
     moves a parameter by at most one ulp and only rarely at all (about 1 % of elements per step at lr 1e-3).
     Inside :func:`~mstudio.optim.donated` (the eager step with ``donate=True``, as the Trainer runs it) the update
-    is torch's own sequence of in-place operations, with ``None`` updates returned (the parameters already hold
-    the result), and equals ``torch.optim.AdamW`` bit for bit.
+    is written in place, with ``None`` updates returned (the parameters already hold the result): on CPU and
+    CUDA by torch's fused AdamW kernel, equal to ``torch.optim.AdamW(fused=True)`` bit for bit; elsewhere by
+    torch's own sequence of in-place operations, equal to ``torch.optim.AdamW`` (single-tensor) bit for bit.
 
     Args:
         lr: peak learning rate (settable), or a schedule ``step -> lr`` (the warmup then multiplies it).

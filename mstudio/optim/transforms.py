@@ -9,8 +9,8 @@ new tensors, so a train step built from them is pure.
 of this package then overwrite them with ``torch._foreach_*_`` ops instead of allocating new tensors (one
 pass and one allocation less per op), and :func:`apply_updates` writes the new parameters into ``params``.
 The results are the same numbers (up to a rounding); the inputs must not be read afterwards. A transformation
-may also write the new parameters itself and return ``None`` updates (``adamw`` does, in torch's order of
-operations, so it equals ``torch.optim.AdamW`` bit for bit). A transformation that knows
+may also write the new parameters itself and return ``None`` updates (``adamw`` does, with torch's fused AdamW
+kernel on CPU and CUDA, so it equals ``torch.optim.AdamW(fused=True)`` bit for bit). A transformation that knows
 nothing of donation stays pure, which is always correct. The eager train step uses this when called with
 ``donate=True``; a compiled step never does (its graph already fuses the update).
 

@@ -80,13 +80,13 @@ def test_donated_is_exported():
     assert mstudio.optim.donated is donated
 
 
-def test_donated_adamw_is_torch_adamw_bit_for_bit():
-    # MineStudio's optimizer: torch.optim.AdamW (single-tensor on CPU) + LambdaLR warm-up + clip_grad_norm_;
-    # donated, adamw runs torch's own order of operations in place, so every parameter comes out identical.
+def _against_torch(torch_kwargs: dict) -> None:
+    """Fifteen steps of donated ``adamw`` and of ``torch.optim.AdamW(**torch_kwargs)`` + ``LambdaLR`` warm-up +
+    ``clip_grad_norm_`` (MineStudio's optimizer) on the same gradients: every parameter identical after each."""
     torch.manual_seed(0)
     params = {f"p{i}": torch.randn(*shape) for i, shape in enumerate([(64, 32), (32,), (300, 16), (3, 3, 3, 8)])}
     reference = [torch.nn.Parameter(p.clone()) for p in params.values()]
-    torch_opt = torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.1, foreach=False)
+    torch_opt = torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.1, **torch_kwargs)
     schedule = torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda k: min((k + 1) / 10, 1.0))
     optimizer = adamw(1e-3, weight_decay=0.1, warmup_steps=10, clip_norm=1.0)
     state = optimizer.init(params)
@@ -101,3 +101,46 @@ def test_donated_adamw_is_torch_adamw_bit_for_bit():
             updates, state = optimizer.update(grads, state, params)
             params = apply_updates(params, updates)
         assert all(torch.equal(ours, theirs.detach()) for ours, theirs in zip(params.values(), reference)), step
+
+
+def test_donated_adamw_on_cpu_is_torchs_fused_adamw_bit_for_bit():
+    _against_torch({"fused": True})
+
+
+def test_donated_adamw_without_the_fused_kernel_is_torchs_single_tensor_adamw_bit_for_bit(monkeypatch):
+    # Where torch has no fused kernel for the tensors (another device or dtype), the update is torch's own
+    # sequence of in-place foreach operations: MineStudio's optimizer on CPU (single-tensor) exactly.
+    import mstudio.optim.alias as alias
+
+    monkeypatch.setattr(alias, "_fused_groups", lambda *lists: None)
+    _against_torch({"foreach": False})
+
+
+def test_the_fused_kernel_is_used_only_where_every_tensor_fits_it():
+    from mstudio.optim.alias import _fused_groups
+
+    a, b = torch.zeros(3), torch.zeros(2, dtype=torch.float64)
+    assert _fused_groups([a, b], [a, b]) == {(a.device, torch.float32): [0], (b.device, torch.float64): [1]}
+    assert _fused_groups([a], [b[:1]]) is None  # a gradient of another dtype than its parameter
+    assert _fused_groups([torch.zeros(3, dtype=torch.int64)], [torch.zeros(3, dtype=torch.int64)]) is None
+    assert _fused_groups([a], [torch.zeros(3).to_sparse()]) is None
+    assert _fused_groups([a.to("meta")], [a.to("meta")]) is None
+    weight = torch.zeros(4, 3, 2, 2)
+    assert _fused_groups([weight], [weight.contiguous(memory_format=torch.channels_last)]) is None
+
+
+def test_a_channels_last_gradient_is_paired_with_its_own_elements():
+    # torch 2.13's fused kernel walks memory in order: given a gradient with other strides than its parameter (a
+    # convolution's weight, eagerly) it updates the wrong elements. Donated adamw passes gradients contiguous.
+    torch.manual_seed(0)
+    param = torch.randn(4, 3, 5, 5)
+    grad = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    reference = torch.nn.Parameter(param.clone())
+    reference.grad = grad.clone(memory_format=torch.preserve_format)
+    torch.optim.AdamW([reference], lr=1e-2, foreach=False).step()
+    optimizer = adamw(1e-2)
+    params = {"w": param}
+    with donated():
+        updates, _ = optimizer.update({"w": grad}, optimizer.init(params), params)
+        params = apply_updates(params, updates)
+    torch.testing.assert_close(params["w"], reference.detach(), rtol=1e-6, atol=1e-7)
