@@ -171,8 +171,8 @@ class Trainer:
                                         ema_decay=run.ema_decay, data_parallel=self.world.size > 1,
                                         compile_options={"cpp_wrapper": True} if run.cpp_wrapper else None)
         # Eager and alone, the step updates the state in place (donated, with torch's fused AdamW: VPT tiny 24.8 ->
-        # 17.1 ms a step, small 204.7 -> 176.7 ms); Ctrl-C then waits for the step to finish. (Compiled, donation changes nothing; data-parallel, a rank held in a collective
-        # by a dead peer must stay interruptible.)
+        # 17.1 ms a step, small 204.7 -> 176.7 ms); Ctrl-C then waits for the step to finish. (Compiled, donation
+        # changes nothing; data-parallel, a rank held in a collective by a dead peer must stay interruptible.)
         self._donate = not run.compile and self._mesh is None and self.world.size == 1
         self._diagnose = self._diagnostics() if config.research.every else None
         if checkpoint is not None:
