@@ -68,7 +68,8 @@ def _adamw_in_place(grads: PyTree, state: ScaleByAdamState, params: PyTree, lr: 
         _leaves_matching(state.mu, treedef, "Adam's first moments"),
         _leaves_matching(state.nu, treedef, "Adam's second moments")))
     steps = int(count)
-    contiguous_g = [t.contiguous() for t in g]  # see _fused_groups (a copy only where a gradient is not)
+    # See _fused_groups: a copy only where a dense gradient is not contiguous (a sparse one refuses the kernel).
+    contiguous_g = [t.contiguous() if t.layout == torch.strided else t for t in g]
     groups = _fused_groups(p, contiguous_g, m, v)
     if groups is not None:
         g = contiguous_g
