@@ -69,7 +69,8 @@ def main() -> None:
               "variants": {name: VARIANTS[name] for name in args.variants}, "baseline": baseline,
               "results": results}
     lines = header(f"Compiled VPT {args.size} step, B={workload.batch} T={workload.seq} "
-                   f"{workload.image}x{workload.image}: {len(args.variants)} ways of building it", report["machine"], report["command"],
+                   f"{workload.image}x{workload.image}: {len(args.variants)} ways of building it",
+                   report["machine"], report["command"],
                    BASELINE if baseline == "default" else f"{baseline}, in the same rounds") + [
         f"| variant | make_train_step arguments | median ms/step (min-max) | speed vs {baseline} | "
         "cold compile + first step (s) |",

@@ -81,7 +81,7 @@ def variants(sizes: list[int]) -> dict:
         return step
 
     # The gradient copies are part of every variant but the compiled one, which takes the gradients as they are;
-    # they cost ~0.1 ms per million elements here, and are timed, as a step hands each optimizer fresh gradients.
+    # they are timed (as a step hands each optimizer fresh gradients): ~1.0 ms for small's 4.6 M elements here.
     return {"mstudio_compiled": mstudio_compiled, "mstudio_donated": mstudio_donated,
             "torch_foreach": torch_step(True), "torch_single": torch_step(False)}
 

@@ -24,6 +24,8 @@ import platform
 import sys
 import threading
 
+import torch
+
 __all__ = ["MALLOC_ENV", "keeps_freed_memory", "reuse_freed_memory"]
 
 #: The environment variable that chooses: ``reuse`` (the default) or ``system``.
@@ -58,13 +60,17 @@ def _glibc_mallopt():
     return mallopt
 
 
-def reuse_freed_memory() -> bool:
-    """Make this process's malloc keep the blocks it frees (see the module docstring); once per process.
+def reuse_freed_memory(device: str | torch.device = "cpu") -> bool:
+    """For work on ``device``, make this process's malloc keep the blocks it frees (see the module docstring);
+    once per process, and only for a CPU ``device`` (another device's tensors are not malloc's).
 
     Returns whether malloc now keeps them: ``False`` under ``MSTUDIO_MALLOC=system``, with a preloaded allocator,
-    off glibc, or if glibc refused a setting. Raises ``ValueError`` for any other ``MSTUDIO_MALLOC`` value.
-    Process-wide and not undone: a CPU :class:`~mstudio.train.step.TrainStep` calls it when it is built.
+    off glibc, if glibc refused a setting, or (untouched) for a device other than the CPU. Raises ``ValueError``
+    for any other ``MSTUDIO_MALLOC`` value. Process-wide and not undone: a :class:`~mstudio.train.step.TrainStep`
+    calls it on its first call, ``mstudio bench`` before it times anything.
     """
+    if torch.device(device).type != "cpu":
+        return keeps_freed_memory()
     global _applied
     with _lock:
         if _applied is None:

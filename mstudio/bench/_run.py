@@ -137,8 +137,7 @@ def run_bench(options: BenchOptions, *, command: str | None = None, progress: bo
         :data:`mstudio.bench.VARIANT_FIELDS`).
     """
     workload = options.workload
-    if torch.device(workload.device).type == "cpu":
-        reuse_freed_memory()  # as a CPU TrainStep would: every variant here then runs with it
+    reuse_freed_memory(workload.device)  # as a TrainStep would: every variant here then runs with it
     info = machine()
     policy = workload.policy()
     batches = episode_batches(workload.batch, workload.seq, workload.image, options.warmup + options.repeats,

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
 from mstudio.bench._machine import command_line, load_average, machine
 from mstudio.bench._measure import matmul_timer
 from mstudio.bench._rounds import Timer, run_rounds, summarize, timed
@@ -49,8 +47,7 @@ def sweep_points(options: SweepOptions) -> list[tuple[str, int, Workload]]:
 def run_sweep(options: SweepOptions, *, command: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Time ``options.variants`` at every :func:`sweep_points` point, all in the same rounds (order shuffled), with
     a float32 matmul as the peak; returns the JSON-ready result (one entry per point under ``"points"``)."""
-    if torch.device(options.base.device).type == "cpu":
-        reuse_freed_memory()  # as a CPU TrainStep would: every variant here then runs with it
+    reuse_freed_memory(options.base.device)  # as a TrainStep would: every variant here then runs with it
     info = machine()
     rounds = options.warmup + options.repeats
     points: list[dict[str, Any]] = []

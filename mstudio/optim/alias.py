@@ -99,15 +99,13 @@ _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _fused_groups(*tensor_lists: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]] | None:
     """Indices of the parameters grouped by device and dtype, for one fused call each; ``None`` when the fused
     kernel does not apply: another device or dtype, a gradient or moment of another dtype or device than its
-    parameter, a sparse or non-contiguous tensor, or a torch without the kernel.
+    parameter, a sparse or non-contiguous tensor.
 
     Non-contiguous is refused because the kernel walks every tensor's memory in order: torch 2.13's CPU kernel
     given a channels-last gradient for a contiguous parameter (a convolution's weight, eagerly) pairs the wrong
     elements and updates the parameter wrongly without an error (``torch.optim.AdamW(fused=True)`` too).
     :func:`_adamw_in_place` passes gradients contiguous.
     """
-    if not hasattr(torch, "_fused_adamw_"):
-        return None
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, tensors in enumerate(zip(*tensor_lists)):
         first = tensors[0]

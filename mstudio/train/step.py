@@ -456,8 +456,7 @@ class TrainStep:
             )
         check_opt_state(state, self.optimizer)
         check_finite_state(state)
-        if state.step.device.type == "cpu":
-            reuse_freed_memory()  # a CPU step's large buffers are allocated per call: no page faults for them
+        reuse_freed_memory(state.step.device)  # a CPU step's large buffers are allocated per call: no page faults
         self.reached = reached_parameters(self.policy, self.objective, state, batch)
         grad_reduce = None
         if self.data_parallel:

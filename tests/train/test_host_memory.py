@@ -70,6 +70,13 @@ def test_an_unknown_choice_is_named(monkeypatch):
         host_memory.reuse_freed_memory()
 
 
+def test_work_on_another_device_leaves_malloc_alone(monkeypatch):
+    monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setattr(host_memory, "_glibc_mallopt", lambda: pytest.fail("malloc touched for a meta device"))
+    assert host_memory.reuse_freed_memory("meta") is False
+    assert host_memory._applied is None  # a later CPU step still applies it
+
+
 def test_a_preloaded_allocator_is_left_alone(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4")
     assert host_memory._glibc_mallopt() is None
@@ -79,7 +86,7 @@ def test_a_cpu_step_applies_it_once_built(monkeypatch):
     import mstudio.train.step as step_module
 
     calls = []
-    monkeypatch.setattr(step_module, "reuse_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(step_module, "reuse_freed_memory", calls.append)
     policy = TinyPolicy(hidsize=16, image_size=16)
     optimizer = mstudio.optim.adamw(1e-3)
     step = mstudio.make_train_step(policy, losses.weighted(losses.behavior_clone, 0.01), optimizer, compile=False)
@@ -87,4 +94,4 @@ def test_a_cpu_step_applies_it_once_built(monkeypatch):
     state = mstudio.init_state(policy, optimizer, 2)
     state, _ = step(state, random_batch(2, 4, 16, seed=0))
     step(state, random_batch(2, 4, 16, seed=1))
-    assert calls == [1]
+    assert calls == [state.step.device]  # once, for the CPU
