@@ -26,6 +26,7 @@ from mstudio.compile import (check_compile_options, configure_compile_cache, ind
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
 from mstudio.host_memory import reuse_freed_memory
+from mstudio.kernel_builds import with_batched_kernel_builds
 from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm, known_global_norm
 from mstudio.policy import check_policy
 from mstudio.train.checks import (
@@ -479,7 +480,8 @@ class TrainStep:
         self._cuda_graphs = state.step.device.type == "cuda"
         # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
         options = inductor_options(self._compile_options, cuda_graphs=self._cuda_graphs)
-        self._step_fn = torch.compile(step_fn, fullgraph=True, options=options)
+        # Its CPU kernels built a batch per compile worker rather than one g++ run each (mstudio.kernel_builds).
+        self._step_fn = with_batched_kernel_builds(torch.compile(step_fn, fullgraph=True, options=options))
 
 
 def reached_parameters(policy: nn.Module, objective: Objective, state: TrainState,

@@ -35,6 +35,7 @@ from mstudio.distributed import (
     reduce_metrics,
     take_own_rank,
 )
+from mstudio.kernel_builds import with_batched_kernel_builds
 from mstudio.research import diagnose
 from mstudio.train import init_state, make_train_step
 from mstudio.train.evaluate import evaluate
@@ -264,7 +265,9 @@ class Trainer:
         def diagnostics(state: Any, batch: dict) -> dict[str, torch.Tensor]:
             return diagnose(self.policy, terms, state, batch)
 
-        return torch.compile(diagnostics, fullgraph=True) if self.config.run.compile else diagnostics
+        if not self.config.run.compile:
+            return diagnostics
+        return with_batched_kernel_builds(torch.compile(diagnostics, fullgraph=True))
 
     def _save(self) -> Path | None:
         """Write a checkpoint (rank 0; every rank takes part in gathering it); its path, ``None`` off rank 0."""
