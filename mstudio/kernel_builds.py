@@ -1,4 +1,4 @@
-"""Inductor's C++ kernels for the CPU built a batch per compiler run instead of one run each.
+"""Inductor's C++ kernels for the CPU built several per compiler run instead of one compiler run per kernel.
 
 Inductor turns every fused CPU kernel of a graph into its own C++ file and runs g++ once per file. Each run
 first loads the precompiled ``cpp_prefix.h`` (a 155 MB header image): on a 2-core Xeon that is 0.47 s of a
@@ -12,14 +12,16 @@ kernel. When the module first waits for one, the noted kernels are split into as
 compile workers (balanced by source length), each batch becomes one C++ file (every kernel in a namespace of its
 own, its entry point renamed, and one Python extension module exposing them all), and inductor's own
 ``CppPythonBindingsCodeCache`` builds and caches it: the same compiler, flags, precompiled header and on-disk
-cache as for a single kernel, so the machine code is the same and a second process finds the batch on disk.
+cache as for a single kernel (VPT's step trains to the same loss, bit for bit, at the same speed), and a second
+process finds the batch on disk.
 
 Kept per kernel, as inductor does it: a kernel whose source has preprocessor lines other than ``#include`` and
 ``#pragma`` (a macro would leak into the kernels after it), more than one ``kernel`` token, or an argument type
 the bindings do not parse; a batch of one; and every kernel of a batch that fails to build (inductor then
 builds each on its own and reports any real error there; the failure is logged). With one compile worker
 (``TORCHINDUCTOR_COMPILE_THREADS=1``) inductor builds each kernel as it is defined, so nothing is batched. A
-torch without these internals (checked by name) is left alone, as is anything else it compiles.
+torch without these internals, or whose kernel bindings follow another protocol than the one the batch's
+bindings copy, is left alone, as is anything compiled outside the context.
 ``MSTUDIO_KERNEL_BATCHING=0`` turns batching off.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import re
@@ -44,8 +47,9 @@ BATCHING_ENV = "MSTUDIO_KERNEL_BATCHING"
 
 _ENTRY = re.compile(r"\bkernel\b")
 _DIRECTIVE = re.compile(r"^\s*#\s*(\w+)", re.MULTILINE)
-# The scalar argument types inductor's bindings parse (``parse_arg``); every other argument is a pointer.
-_SCALARS = {"int64_t": "PyLong_AsSsize_t", "uintptr_t": "PyLong_AsVoidPtr", "float": "PyFloat_AsDouble"}
+# The scalar argument types inductor's bindings parse (``parse_arg``), and the batch bindings' function reading
+# each; every other argument is a pointer, a tensor's data.
+_SCALARS = {"int64_t": "scalar_int64", "uintptr_t": "scalar_uintptr", "float": "scalar_float"}
 _POINTER = re.compile(r"^[A-Za-z_][A-Za-z0-9_:]*\s*\*$")
 
 
@@ -78,12 +82,9 @@ def split_into_batches(sizes: Sequence[int], count: int) -> list[list[int]]:
 
 
 def _call_argument(parsed: str, position: int) -> str:
-    if parsed == "int64_t":
-        return f"scalar_int64(args, {position})"
-    if parsed == "uintptr_t":
-        return f"scalar_uintptr(args, {position})"
-    if parsed == "float":
-        return f"scalar_float(args, {position})"
+    """The C++ expression reading argument ``position`` of type ``parsed`` from the Python call's tuple."""
+    if parsed in _SCALARS:
+        return f"{_SCALARS[parsed]}(args, {position})"
     return f"static_cast<{parsed}>(tensor_data_ptr(PyTuple_GET_ITEM(args, {position})))"
 
 
@@ -223,34 +224,43 @@ class _Noted:
 
 
 class _Batch:
+    """Kernels sharing one file: kernel ``i`` is the module's ``kernel_i``."""
+
     def __init__(self, members: list[_Noted]):
         self.members = members
         self.module: Any = None
-        self.failed = False
+        self.load: Callable[[], Any] | None = None
 
     def start(self) -> None:
+        """Start the build (inductor submits it to its workers unless the library is cached on disk)."""
         from torch._inductor.async_compile import AsyncCompile
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        source = batch_source([(m.argtypes, m.source) for m in self.members])
-        self._load = CppPythonBindingsCodeCache.load_async(source, "cpu", submit_fn=AsyncCompile.submit)
+        try:
+            source = batch_source([(m.argtypes, m.source) for m in self.members])
+            self.load = CppPythonBindingsCodeCache.load_async(source, device_type="cpu",
+                                                              submit_fn=AsyncCompile.submit)
+        except Exception as error:
+            self._fall_back(error)
+            return
         for index, member in enumerate(self.members):
-            member.get = lambda index=index: self._kernel(index)
+            member.get = functools.partial(self._kernel, index)
 
     def _kernel(self, index: int) -> Any:
-        if self.module is None and not self.failed:
+        if self.module is None:
             try:
-                self.module = self._load()
-            except Exception as error:  # built again kernel by kernel, where inductor reports a real error
-                log.warning("mstudio: a batch of %d CPU kernels failed to build (%s); building them one by one",
-                            len(self.members), error)
-                self.failed = True
-                for member in self.members:
-                    member.build_alone()
+                self.module = self.load()
+            except Exception as error:
+                self._fall_back(error)
                 return self.members[index].get()
-        if self.failed:
-            return self.members[index].get()
         return getattr(self.module, f"kernel_{index}")
+
+    def _fall_back(self, error: Exception) -> None:
+        """Build the members one by one, as inductor does: a real error in a kernel is reported there."""
+        log.warning("mstudio: a batch of %d CPU kernels failed to build (%s); building them one by one",
+                    len(self.members), error)
+        for member in self.members:
+            member.build_alone()
 
 
 _install_lock = threading.Lock()
@@ -260,17 +270,28 @@ _per_kernel: Callable[..., Any] | None = None  # inductor's own AsyncCompile.cpp
 
 @functools.cache
 def _async_compile() -> Any:
-    """inductor's ``AsyncCompile`` class, or ``None`` when this torch lacks what batching relies on."""
+    """inductor's ``AsyncCompile`` class, or ``None`` when this torch lacks what batching relies on: the names
+    below, ``load_async``'s keyword arguments, and the bindings' protocol the batch's own bindings follow (an
+    extension module named ``kernel``, tensors read through the function at the address in
+    ``_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR``)."""
     try:
         from torch._inductor import async_compile, codecache
     except ImportError:
         return None
     AsyncCompile = getattr(async_compile, "AsyncCompile", None)
-    needed = (hasattr(AsyncCompile, "cpp_pybinding") and hasattr(AsyncCompile, "submit")
-              and hasattr(async_compile, "get_compile_threads")
-              and hasattr(codecache, "LambdaFuture")
-              and hasattr(getattr(codecache, "CppPythonBindingsCodeCache", None), "load_async"))
-    return AsyncCompile if needed else None
+    bindings = getattr(codecache, "CppPythonBindingsCodeCache", None)
+    if not (hasattr(AsyncCompile, "cpp_pybinding") and hasattr(AsyncCompile, "submit")
+            and hasattr(async_compile, "get_compile_threads") and hasattr(codecache, "LambdaFuture")
+            and hasattr(bindings, "load_async")):
+        return None
+    try:
+        keywords = inspect.signature(bindings.load_async).parameters
+    except (TypeError, ValueError):
+        return None
+    protocol = (getattr(bindings, "entry_function", None) == "kernel"
+                and "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR" in getattr(bindings, "suffix_template", "")
+                and {"device_type", "submit_fn"} <= set(keywords))
+    return AsyncCompile if protocol else None
 
 
 def _enabled() -> bool:

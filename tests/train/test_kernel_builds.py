@@ -100,6 +100,23 @@ def test_the_patch_is_scoped_reentrant_and_can_be_turned_off(monkeypatch):
         pass
 
 
+def test_a_torch_whose_bindings_differ_is_left_alone(monkeypatch):
+    from torch._inductor.async_compile import AsyncCompile
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    inductors = AsyncCompile.cpp_pybinding
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "suffix_template", "another protocol for the bindings")
+    kernel_builds._async_compile.cache_clear()
+    try:
+        with batched_kernel_builds():
+            assert AsyncCompile.cpp_pybinding is inductors
+    finally:
+        monkeypatch.undo()
+        kernel_builds._async_compile.cache_clear()
+    with batched_kernel_builds():
+        assert AsyncCompile.cpp_pybinding is not inductors
+
+
 def _several_kernels(x: torch.Tensor, w: torch.Tensor):
     # each pointwise or reduction stage ends in a matmul (an extern call): inductor cannot fuse across them, so
     # this is 5 C++ kernels
@@ -124,13 +141,25 @@ def test_a_compiled_function_shares_libraries_equals_eager_and_reloads_from_the_
     with inductor_config.patch(compile_threads=2):
         torch._dynamo.reset()
         compiled = with_batched_kernel_builds(torch.compile(_several_kernels, fullgraph=True))
-        for got, want in zip(compiled(x, w), expected):
+        from_batches = compiled(x, w)
+        for got, want in zip(from_batches, expected):
             torch.testing.assert_close(got, want)
         batched = _batched_libraries(tmp_path / "cold")
         assert batched, "no kernel was built in a batch"
         kernels_in_batches = sum(Path(path).read_text().count("namespace mstudio_batch_") for path in batched)
         assert kernels_in_batches >= 3
         built = {path.name for path in (tmp_path / "cold").rglob("*.so")}
+
+        # Inductor's own kernel-by-kernel builds compute the same bits (the same compiler and flags).
+        monkeypatch.setenv(BATCHING_ENV, "0")
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "alone"))
+        torch._dynamo.reset()
+        alone = with_batched_kernel_builds(torch.compile(_several_kernels, fullgraph=True))
+        for got, want in zip(alone(x, w), from_batches):
+            assert torch.equal(got, want)
+        assert not _batched_libraries(tmp_path / "alone")
+        monkeypatch.setenv(BATCHING_ENV, "1")
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))
 
         # A second compile of the same graph comes from inductor's caches, its batches too: nothing is built.
         torch._dynamo.reset()
@@ -149,4 +178,18 @@ def test_a_compiled_function_shares_libraries_equals_eager_and_reloads_from_the_
                 torch.testing.assert_close(got, want)
         assert "failed to build" in caplog.text and "building them one by one" in caplog.text
         assert not _batched_libraries(tmp_path / "broken")
+
+        # So does a batch whose file cannot even be written.
+        def unwritable(kernels):
+            raise ValueError("no file for these")
+
+        caplog.clear()
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "unwritable"))
+        monkeypatch.setattr(kernel_builds, "batch_source", unwritable)
+        torch._dynamo.reset()
+        with caplog.at_level(logging.WARNING, logger="mstudio.kernel_builds"):
+            fallback = with_batched_kernel_builds(torch.compile(_several_kernels, fullgraph=True))
+            for got, want in zip(fallback(x, w), expected):
+                torch.testing.assert_close(got, want)
+        assert "no file for these" in caplog.text
     torch._dynamo.reset()
