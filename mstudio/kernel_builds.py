@@ -37,7 +37,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["BATCHING_ENV", "batch_source", "batchable", "batched_kernel_builds", "split_into_batches",
+__all__ = ["BATCHING_ENV", "batch_source", "batchable", "batched_kernel_builds", "batching_applies",
+           "split_into_batches",
            "with_batched_kernel_builds"]
 
 log = logging.getLogger(__name__)
@@ -299,6 +300,16 @@ def _enabled() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{BATCHING_ENV}={value!r}: expected 1 (batch CPU kernel builds, the default) or 0")
     return value == "1"
+
+
+def batching_applies() -> bool:
+    """Whether :func:`batched_kernel_builds` batches in this process: not turned off, this torch's internals
+    as expected, and more than one compile worker."""
+    if not _enabled() or _async_compile() is None:
+        return False
+    from torch._inductor.async_compile import get_compile_threads
+
+    return get_compile_threads() > 1
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from mstudio import host_memory
+from mstudio import host_memory, kernel_builds
 from mstudio.bench import (
     CompileStats, SweepOptions, Workload, bench_markdown, count_flops, round_order, run_rounds, run_sweep, step_flops,
     summarize, sweep_markdown, sweep_points, timed,
@@ -179,6 +179,7 @@ def test_cli_bench_writes_json_with_every_field(cli_result):
     assert {"cpu", "cpus_available", "cpus_total", "torch", "torch_threads", "git_commit"} <= set(result["machine"])
     # a CPU bench runs every variant with malloc keeping freed blocks, as a CPU TrainStep would (glibc only)
     assert result["machine"]["malloc_keeps_freed_memory"] is (host_memory._glibc_mallopt() is not None)
+    assert result["machine"]["cpu_kernels_batched"] is kernel_builds.batching_applies()
     assert result["workload"]["batch"] == 2 and result["workload"]["frames_per_step"] == 8
     assert result["flops_per_step"] > 0 and result["matmul_peak"]["gflops"] > 0
     assert list(result["variants"]) == ["minestudio_style", "eager", "eager_pure"]
@@ -211,6 +212,9 @@ def test_cli_bench_markdown_has_every_column_and_variant(cli_result):
     assert result["machine"]["cpu"] in text and f"{result['flops_per_step'] / 1e9:.3f} GFLOP" in text
     kept = result["machine"]["malloc_keeps_freed_memory"]
     assert ("- malloc: keeps freed blocks" in text) is kept and ("- malloc: as the system has it" in text) is not kept
+    batched = result["machine"]["cpu_kernels_batched"]
+    assert ("C++ kernels of the compiled step: built in batches" in text) is batched
+    assert ("C++ kernels of the compiled step: one g++ run each" in text) is not batched
 
 
 def test_cli_bench_plot_needs_a_sweep(capsys):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from mstudio.host_memory import keeps_freed_memory
+from mstudio.kernel_builds import batching_applies
 
 __all__ = ["command_line", "git_commit", "load_average", "machine"]
 
@@ -67,8 +68,9 @@ def load_average() -> list[float] | None:
 
 def machine() -> dict[str, Any]:
     """CPU model, CPUs available to this process and in total, torch version and intra-op threads, CUDA device
-    (if any), Python, platform, the git commit of mstudio, the load average now, and whether malloc keeps freed
-    blocks (:mod:`mstudio.host_memory`)."""
+    (if any), Python, platform, the git commit of mstudio, the load average now, whether malloc keeps freed
+    blocks (:mod:`mstudio.host_memory`) and whether compiled steps build their CPU kernels in batches
+    (:mod:`mstudio.kernel_builds`)."""
     return {
         "cpu": _cpu_model(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -81,4 +83,5 @@ def machine() -> dict[str, Any]:
         "git_commit": git_commit(),
         "load_average": load_average(),
         "malloc_keeps_freed_memory": keeps_freed_memory(),
+        "cpu_kernels_batched": batching_applies(),
     }

@@ -47,6 +47,9 @@ def _machine_lines(result: Mapping[str, Any]) -> list[str]:
         "- malloc: " + ("keeps freed blocks (mstudio.host_memory), for every variant in this process; MineStudio's "
                         "own process, if timed, runs as shipped" if m.get("malloc_keeps_freed_memory")
                         else "as the system has it"),
+        "- C++ kernels of the compiled step: " + ("built in batches, one per compile worker (mstudio.kernel_builds)"
+                                                  if m.get("cpu_kernels_batched")
+                                                  else "one g++ run each (inductor's own builds)"),
     ]
 
 

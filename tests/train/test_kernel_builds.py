@@ -100,6 +100,18 @@ def test_the_patch_is_scoped_reentrant_and_can_be_turned_off(monkeypatch):
         pass
 
 
+def test_whether_batching_applies(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(compile_threads=2):
+        assert kernel_builds.batching_applies()
+        monkeypatch.setenv(BATCHING_ENV, "0")
+        assert not kernel_builds.batching_applies()
+    monkeypatch.setenv(BATCHING_ENV, "1")
+    with inductor_config.patch(compile_threads=1):
+        assert not kernel_builds.batching_applies()  # inductor then builds each kernel as it is defined
+
+
 def test_a_torch_whose_bindings_differ_is_left_alone(monkeypatch):
     from torch._inductor.async_compile import AsyncCompile
     from torch._inductor.codecache import CppPythonBindingsCodeCache
