@@ -64,6 +64,23 @@ STEP_METRICS = frozenset({"grad_norm", "lr", "nonfinite", "skipped_updates"})
 StepFn = Callable[[TrainState, Mapping[str, Any]], tuple[TrainState, dict[str, Tensor]]]
 
 
+def _standard_strides(tensor: Tensor) -> Tensor:
+    """``tensor`` if its strides are those of a new contiguous tensor of its shape, else such a copy.
+
+    ``.contiguous()`` is not enough: it returns a tensor whose only odd strides are on size-1 dimensions as it is,
+    such as ``timestamp[:, -1]`` of a one-row ``(1, T)`` batch (stride ``T``, a view of the batch). A compiled
+    step guards on its inputs' exact strides, so such a tensor in the new state recompiled the step on its next
+    call (VPT ``1x`` at B1 x T16), and the state kept a view of the caller's batch.
+    """
+    standard, size_after = [], 1
+    for size in reversed(tensor.shape):
+        standard.append(size_after)
+        size_after *= max(size, 1)
+    if tensor.stride() == tuple(reversed(standard)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def value_and_grad_func(loss_fn: LossFn, params: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor, Any]:
     """``(grads, loss, aux)`` of ``loss_fn(params) -> (loss, aux)`` by ``torch.func.grad_and_value``.
 
@@ -305,9 +322,9 @@ def train_step_parts(
         lr = optimizer.learning_rate(state.opt_state) if optimizer.learning_rate is not None else None
         if lr is not None:
             metrics["lr"] = lr.to(torch.float32)
-        # Truncated BPTT: no gradient flows into the next batch. Contiguous, because the compiled step
+        # Truncated BPTT: no gradient flows into the next batch. Standard strides, because the compiled step
         # guards on input strides and a strided view here would recompile it on the second call.
-        carried = trees.tree_map(lambda t: t.detach().contiguous(), computed.state_out)
+        carried = trees.tree_map(lambda t: _standard_strides(t.detach()), computed.state_out)
         if donate:
             params, opt_state, ema, finite = _update_donated(optimizer, grads, state, current, loss, grad_norm, lr,
                                                              ema_decay, skip_nonfinite)
@@ -330,7 +347,7 @@ def train_step_parts(
             params=params,
             opt_state=opt_state,
             memory=carried,
-            last_timestamp=batch["timestamp"][:, -1].contiguous(),
+            last_timestamp=_standard_strides(batch["timestamp"][:, -1]),  # with B = 1, a view of the batch
             step=state.step + 1,
             ema=ema,
             skipped_updates=skipped,

@@ -1,6 +1,7 @@
 """A long compiled run recompiles nothing: a few hundred steps of a tiny policy through episode resets, the warmup's
 end, a hyper-parameter change, the EMA and a mask that comes and goes, counted by dynamo's own counters."""
 
+import optree
 import pytest
 import torch
 
@@ -54,3 +55,23 @@ def test_hundreds_of_compiled_steps_compile_once():
     # the schedule really moved (warmup, then flat, then the new lr): traced as data, not constants
     assert lrs[0] == pytest.approx(1e-3 / WARMUP) and lrs[WARMUP] == pytest.approx(1e-3)
     assert lrs[-1] == pytest.approx(5e-4)
+
+
+def test_a_batch_of_one_row_compiles_once():
+    # A (1, T) slice such as timestamp[:, -1] counts as contiguous whatever its stride, so .contiguous() keeps the
+    # batch's stride (T); the next call's guard expected the state's own (1) and recompiled (VPT 1x, B1 x T16).
+    torch.manual_seed(0)
+    policy = TinyPolicy(hidsize=16, image_size=16)
+    optimizer = mstudio.optim.adamw(1e-3)
+    step = mstudio.make_train_step(policy, losses.behavior_clone, optimizer)
+    state = mstudio.init_state(policy, optimizer, 1)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for i, batch in enumerate(_batches(4, B=1, T=5)):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            state, _ = step(state, batch)
+        assert all(leaf.is_contiguous() and leaf.stride() == torch.empty(leaf.shape).stride()
+                   for leaf in optree.tree_leaves(state) if isinstance(leaf, torch.Tensor) and leaf.dim() > 0)
+    assert counters["stats"]["unique_graphs"] == 1 and sum(counters["recompiles"].values()) == 0
+    assert state.last_timestamp.tolist() == [_batches(4, B=1, T=5)[-1]["timestamp"][0, -1].item()]

@@ -191,3 +191,15 @@ def test_frozen_parameters_are_never_updated():
         state, _ = step(state, random_batch(2, 4, 16, seed=i, start=4 * i))
     assert torch.equal(state.buffers["conv1.weight"], policy.conv1.weight)
     assert not torch.equal(state.params["conv1.bias"], policy.conv1.bias)
+
+
+def test_a_one_row_state_keeps_no_view_of_the_batch():
+    # timestamp[:, -1] of a (1, T) batch is a view that .contiguous() hands back as it is
+    policy = TinyPolicy(hidsize=16, image_size=16)
+    optimizer = mstudio.optim.adamw(1e-3)
+    step = mstudio.make_train_step(policy, losses.behavior_clone, optimizer, compile=False)
+    batch = random_batch(1, 5, 16, start=torch.tensor([10]))
+    state, _ = step(mstudio.init_state(policy, optimizer, 1), batch)
+    assert state.last_timestamp.tolist() == [14] and state.last_timestamp.stride() == (1,)
+    batch["timestamp"].fill_(-7)  # a loader reusing its buffer for the next batch
+    assert state.last_timestamp.tolist() == [14]
