@@ -59,7 +59,8 @@ def make_eval_step(policy: nn.Module, objective: Objective):
         latents, state_out = apply_fn(params, state.buffers, batch, memory)
         out = objective(objective_batch(batch, state), latents, params)
         metrics = {key: torch.as_tensor(value) for key, value in out.items()}
-        return EvalCarry(state_out, carry.init_memory, timestamp[:, -1]), metrics
+        # A copy: a view would keep the caller's batch, which a loader may refill before the next call.
+        return EvalCarry(state_out, carry.init_memory, timestamp[:, -1].clone()), metrics
 
     return eval_step
 

@@ -29,3 +29,12 @@ def test_evaluate_without_batches_is_an_error():
     state = mstudio.init_state(policy, mstudio.optim.adamw(1e-3), 2)
     with pytest.raises(ValueError, match="batches to evaluate are empty"):
         evaluate(policy, losses.behavior_clone, state, iter([]))
+
+
+def test_the_eval_carry_keeps_no_view_of_the_batch():
+    policy = CountingPolicy()
+    state = mstudio.init_state(policy, mstudio.optim.adamw(1e-3), 2)
+    batch = random_batch(2, 4, 8, start=torch.tensor([4, 20]))
+    carry, _ = make_eval_step(policy, losses.behavior_clone)(state, init_eval_carry(policy, 2), batch)
+    batch["timestamp"].fill_(-1)  # a loader refilling its buffer with the next batch
+    assert carry.last_timestamp.tolist() == [7, 23]
