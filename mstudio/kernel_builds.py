@@ -38,8 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 __all__ = ["BATCHING_ENV", "batch_source", "batchable", "batched_kernel_builds", "batching_applies",
-           "split_into_batches",
-           "with_batched_kernel_builds"]
+           "split_into_batches", "with_batched_kernel_builds"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,7 @@ BATCHING_ENV = "MSTUDIO_KERNEL_BATCHING"
 
 _ENTRY = re.compile(r"\bkernel\b")
 _DIRECTIVE = re.compile(r"^\s*#\s*(\w+)", re.MULTILINE)
+_INCLUDE = re.compile(r"^\s*#\s*include\b")
 # The scalar argument types inductor's bindings parse (``parse_arg``), and the batch bindings' function reading
 # each; every other argument is a pointer, a tensor's data.
 _SCALARS = {"int64_t": "scalar_int64", "uintptr_t": "scalar_uintptr", "float": "scalar_float"}
@@ -62,8 +62,7 @@ def _parsed_type(argtype: str) -> str | None:
 
 def batchable(argtypes: Sequence[str], source: str) -> bool:
     """Whether one kernel (inductor's ``argtypes`` and C++ ``source``) can share a file with others."""
-    directives = {name for name in _DIRECTIVE.findall(source)}
-    return (len(_ENTRY.findall(source)) == 1 and directives <= {"include", "pragma"}
+    return (len(_ENTRY.findall(source)) == 1 and set(_DIRECTIVE.findall(source)) <= {"include", "pragma"}
             and all(_parsed_type(a) is not None for a in argtypes))
 
 
@@ -99,7 +98,7 @@ def batch_source(kernels: Sequence[tuple[Sequence[str], str]]) -> str:
     for index, (_, source) in enumerate(kernels):
         body = []
         for line in source.splitlines():
-            if re.match(r"^\s*#\s*include\b", line):
+            if _INCLUDE.match(line):
                 if line.strip() not in includes:
                     includes.append(line.strip())
             else:
