@@ -610,7 +610,8 @@ def make_train_step(
             ``torch._inductor.list_options()``), e.g. ``{"cpp_wrapper": True}``: a C++ wrapper around the
             kernels instead of Python; on 2 CPU cores, interleaved with the default
             (``benchmarks/bench_compiled_variants.py``), VPT ``tiny`` 15.22 -> 14.32 ms and ``small`` 179.5 ->
-            176.3 ms a step, for a cold compile of 84 -> 100 s and 84 -> 92 s (one fresh process each).
+            176.3 ms a step, for a longer cold compile (one g++ run over the wrapper and every kernel; VPT
+            ``tiny`` 85 s where the default takes 53 s with its kernels built in batches, one fresh process each).
             ``None``: inductor's defaults. No effect on the eager step.
 
     Returns:

@@ -107,8 +107,8 @@ class RunConfig:
     """Compile the train step into one graph (``torch.compile``); ``False``: eager."""
     cpp_wrapper: bool = False
     """Compiled, call the kernels from a C++ wrapper instead of Python (inductor's ``cpp_wrapper``): on 2 CPU
-    cores VPT ``tiny``'s step 6 % faster, ``small``'s 2 %, for 8-16 s more of cold compile. No effect on an
-    eager step."""
+    cores VPT ``tiny``'s step 6 % faster, ``small``'s 2 %, for a longer cold compile (``tiny``: 85 s, where the
+    default builds its kernels in batches in 53 s). No effect on an eager step."""
     seed: int = 0
     """Seeds the policy's initialisation and the samplers."""
 
