@@ -28,6 +28,16 @@ class ScaleByAdamState(NamedTuple):
     nu: Any  # second moments (exp_avg_sq), params' structure
 
 
+def _new_moments(m: list[Tensor], v: list[Tensor], g: list[Tensor], b1: float,
+                 b2: float) -> tuple[list[Tensor], list[Tensor]]:
+    """Adam's moments after gradients ``g``, as new tensors: ``lerp(m, g, 1 - b1)`` and ``b2 * v + (1 - b2) * g * g``
+    (torch's operations, in its order)."""
+    m = torch._foreach_lerp(m, g, 1 - b1)
+    v = torch._foreach_mul(v, b2)
+    torch._foreach_addcmul_(v, g, g, value=1 - b2)  # v is this function's own
+    return m, v
+
+
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Replace gradients by Adam's bias-corrected direction ``m_hat / (sqrt(v_hat) + eps)``.
 
@@ -67,16 +77,26 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         if is_donated():  # the moments are the caller's to overwrite (see mstudio.optim.donated)
             torch._foreach_lerp_(m, g, 1 - b1)
             torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            m_seen, v_seen = m, v  # what the direction is computed from
         else:
-            m = torch._foreach_lerp(m, g, 1 - b1)
-            v = torch._foreach_mul(v, b2)
-        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            new_m, new_v = _new_moments(m, v, g, b1, b2)
+            m_seen, v_seen = new_m, new_v
+            if torch.compiler.is_compiling():
+                # The same moments again, for the direction. The compiled step's non-finite guard later writes
+                # into the new moments (mstudio.train.skip), and inductor (torch 2.13) does not fuse a loop into
+                # the loop that makes its input when that input is written again afterwards: the direction's loop
+                # would read both moments back from memory. Computed from the old moments instead, the three
+                # loops share their reads and fuse into one pass (a 71 M-element tensor: 168 -> 117 ms an
+                # update). Same operations, same order: the same bits.
+                m_seen, v_seen = _new_moments(m, v, g, b1, b2)
+            m, v = new_m, new_v
         # Fresh tensors are updated in place: on CPU an out-of-place foreach op costs several times an
         # in-place one (allocation), and none of them is visible outside this function yet.
-        denom = torch._foreach_sqrt(v)
+        denom = torch._foreach_sqrt(v_seen)
         torch._foreach_div_(denom, _scalar_for(denom, bias_correction2_sqrt))
         torch._foreach_add_(denom, eps)
-        direction = torch._foreach_div(m, _scalar_for(m, bias_correction1))
+        direction = torch._foreach_div(m_seen, _scalar_for(m_seen, bias_correction1))
         torch._foreach_div_(direction, denom)
         new_state = ScaleByAdamState(count, _rebuild(treedef, mu, present, m), _rebuild(treedef, nu, present, v))
         return _rebuild(treedef, leaves, present, direction), new_state
