@@ -142,8 +142,8 @@ def known_global_norm(tree: PyTree, norm: Tensor) -> Iterator[None]:
     The eager train step takes the gradients' norm for its metrics, and clipping then needs the same one: one
     pass over the gradients less (~0.4 ms a step on VPT ``tiny``, 2 % of the eager step). Traced code never
     looks: under tracing the block sets nothing (dynamo cannot set a ContextVar), so a compiled step takes the
-    norm twice; inductor does not merge the two reductions (VPT ``tiny``'s optimizer kernel sums the squares of
-    the packed gradient buffer twice, one more read of the gradients a step)."""
+    norm twice; inductor does not merge the two reductions, but with clipping it computes the second in the
+    update's own loop over the gradients (arithmetic, not another read of them: see mstudio.optim.adam)."""
     if torch.compiler.is_compiling():
         yield
         return
