@@ -13,15 +13,18 @@ directory: then that one is used, as torch would.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CACHE_ENV", "check_compile_options", "compile_cache_dir", "configure_compile_cache", "inductor_options",
-           "probe_cpu_compiler_in_background"]
+from mstudio.kernel_builds import with_batched_kernel_builds
+
+__all__ = ["CACHE_ENV", "check_compile_options", "compile_cache_dir", "compiled_call", "configure_compile_cache",
+           "inductor_options", "probe_cpu_compiler_in_background"]
 
 #: The environment variable torch's inductor reads its cache directory from.
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -63,6 +66,33 @@ def configure_compile_cache() -> Path:
                       "writable directory") from error
     os.environ[CACHE_ENV] = str(directory)
     return directory
+
+
+def compiled_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a ``torch.compile``-d step) called as mstudio compiles: the C++ kernels of its compiles built in
+    batches (:mod:`mstudio.kernel_builds`), and AOTAutograd's cache open to graphs with an ``autograd.Function``.
+
+    torch's AOTAutograd cache turns away a graph that holds an ``autograd.Function`` unless
+    ``torch._functorch.config.autograd_cache_allow_custom_autograd_functions`` is set, and VPT's max-pool is one
+    (:mod:`mstudio.models.vpt.max_pool`): turned away, a warm start of VPT ``tiny``'s step took 13.6 s instead of
+    7.9 s (AOTAutograd traced the graph again). Dynamo traces a Function's forward and backward into the graph,
+    which is what the cache's key is made from.
+    """
+    import torch._functorch.config as functorch_config
+
+    batched = with_batched_kernel_builds(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        # Set and restored by hand: functorch_config.patch costs ~20 us a call, this ~5.
+        before = functorch_config.autograd_cache_allow_custom_autograd_functions
+        functorch_config.autograd_cache_allow_custom_autograd_functions = True
+        try:
+            return batched(*args, **kwargs)
+        finally:
+            functorch_config.autograd_cache_allow_custom_autograd_functions = before
+
+    return call
 
 
 def check_compile_options(options: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from losses.api import Objective
-from mstudio.kernel_builds import with_batched_kernel_builds
+from mstudio.compile import compiled_call
 from mstudio.optim import GradientTransformation
 from mstudio.train.state import TrainState, init_state, set_hyperparams
 from mstudio.train.step import (
@@ -102,5 +102,5 @@ class SweepStep(TrainStep):
                        for k in range(states.step.shape[0])]
             return _stack([state for state, _ in results]), _stack([metrics for _, metrics in results])
 
-        self._step_fn = (with_batched_kernel_builds(torch.compile(sweep_step, fullgraph=True)) if self.compile
+        self._step_fn = (compiled_call(torch.compile(sweep_step, fullgraph=True)) if self.compile
                          else sweep_step)

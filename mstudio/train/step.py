@@ -21,12 +21,12 @@ from torch import Tensor, nn
 from losses.api import HYPERPARAMS_KEY, STEP_KEY, Objective, check_output, objective_name
 from mstudio import trees
 from mstudio.batch import check_batch, normalize_batch
-from mstudio.compile import (check_compile_options, configure_compile_cache, inductor_options,
+from mstudio.compile import (check_compile_options, compiled_call, configure_compile_cache, inductor_options,
                              probe_cpu_compiler_in_background)
 from mstudio.bridge import check_stateless_forward, detach_tree, functionalize
 from mstudio.distributed import check_replicas, check_same_across_ranks, collective_failures, mean_across_ranks
 from mstudio.host_memory import reuse_freed_memory
-from mstudio.kernel_builds import with_batched_kernel_builds
+from mstudio.models.vpt.max_pool import with_aten_max_pool
 from mstudio.optim import GradientTransformation, apply_updates, donated, global_norm, known_global_norm
 from mstudio.policy import check_policy
 from mstudio.train.checks import (
@@ -408,8 +408,8 @@ class TrainStep:
             donate: hand ``state`` over to the step, which may then reuse its tensors: the eager step
                 (``compile=False``) writes the optimizer update into them with in-place ``torch._foreach_*``
                 ops (:func:`mstudio.optim.donated`) instead of allocating a new state, the same numbers up
-                to one rounding of the step (``adamw``'s in-place update is ``torch.optim.AdamW``'s). A compiled step computes as without donation (its graph
-                already fuses the update). Either way ``state`` is then spent: the returned state may share
+                to one rounding of the step (``adamw``'s in-place update is ``torch.optim.AdamW``'s). A
+                compiled step computes as without donation (its graph already fuses the update). Either way ``state`` is then spent: the returned state may share
                 its tensors, and passing it to a step again raises ``RuntimeError``. Use it when nothing else
                 keeps the old state (a training loop that only ever steps the newest state). Eagerly, the
                 non-finite guard then decides before writing, with one host sync (see ``_update_donated``).
@@ -497,8 +497,9 @@ class TrainStep:
         self._cuda_graphs = state.step.device.type == "cuda"
         # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
         options = inductor_options(self._compile_options, cuda_graphs=self._cuda_graphs)
-        # Its CPU kernels built a batch per compile worker rather than one g++ run each (mstudio.kernel_builds).
-        self._step_fn = with_batched_kernel_builds(torch.compile(step_fn, fullgraph=True, options=options))
+        # Its CPU kernels built a batch per compile worker rather than one g++ run each (mstudio.kernel_builds);
+        # VPT's max-pool run by ATen's kernels (mstudio.models.vpt.max_pool).
+        self._step_fn = with_aten_max_pool(compiled_call(torch.compile(step_fn, fullgraph=True, options=options)))
 
 
 def reached_parameters(policy: nn.Module, objective: Objective, state: TrainState,

@@ -35,7 +35,7 @@ from mstudio.distributed import (
     reduce_metrics,
     take_own_rank,
 )
-from mstudio.kernel_builds import with_batched_kernel_builds
+from mstudio.compile import compiled_call
 from mstudio.research import diagnose
 from mstudio.train import init_state, make_train_step
 from mstudio.train.evaluate import evaluate
@@ -267,7 +267,7 @@ class Trainer:
 
         if not self.config.run.compile:
             return diagnostics
-        return with_batched_kernel_builds(torch.compile(diagnostics, fullgraph=True))
+        return compiled_call(torch.compile(diagnostics, fullgraph=True))
 
     def _save(self) -> Path | None:
         """Write a checkpoint (rank 0; every rank takes part in gathering it); its path, ``None`` off rank 0."""

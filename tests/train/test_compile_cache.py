@@ -7,8 +7,8 @@ import pytest
 
 import losses
 import mstudio
-from mstudio.compile import (CACHE_ENV, check_compile_options, compile_cache_dir, configure_compile_cache,
-                             inductor_options, probe_cpu_compiler_in_background)
+from mstudio.compile import (CACHE_ENV, check_compile_options, compile_cache_dir, compiled_call,
+                             configure_compile_cache, inductor_options, probe_cpu_compiler_in_background)
 from mstudio.data.synthetic import random_batch
 from mstudio.models import TinyPolicy
 
@@ -133,3 +133,23 @@ def test_the_compiler_probe_thread_imports_nothing(tmp_path):
                           env={**os.environ, CACHE_ENV: str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_compiled_call_opens_the_autograd_cache_to_functions_for_the_call_only():
+    import torch._functorch.config as functorch_config
+
+    from mstudio import kernel_builds
+
+    seen = []
+
+    def step(x):
+        seen.append((functorch_config.autograd_cache_allow_custom_autograd_functions, kernel_builds._depth))
+        if x is None:
+            raise ValueError("bad input")
+        return x
+
+    call = compiled_call(step)
+    assert call(3) == 3 and seen == [(True, 1)]  # inside batched kernel builds too
+    with pytest.raises(ValueError, match="bad input"):
+        call(None)
+    assert functorch_config.autograd_cache_allow_custom_autograd_functions is False and kernel_builds._depth == 0

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mstudio.models.vpt.max_pool import max_pool2d
+
 __all__ = ["CnnBasicBlock", "CnnDownStack", "FanInLayer", "ImgObsProcess", "ImpalaCNN"]
 
 
@@ -90,7 +92,7 @@ class CnnDownStack(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.max_pool2d(self.firstconv(x), kernel_size=3, stride=2, padding=1)
+        x = max_pool2d(self.firstconv(x), kernel_size=3, stride=2, padding=1)
         if self.post_pool_groups is not None:
             x = self.n(x)
         for block in self.blocks:
