@@ -68,6 +68,18 @@ def test_the_block_sets_the_route_for_its_extent_only():
     assert module._aten_when_traced is False
 
 
+def test_the_route_is_taken_on_cpu_only(monkeypatch):
+    from mstudio.models.vpt import max_pool as module
+
+    taken = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while dynamo traces
+    monkeypatch.setattr(module._MaxPool2d, "apply", lambda x, *args: (taken.append(x.device.type), (x, x))[1])
+    with aten_max_pool():
+        max_pool2d(torch.zeros(1, 1, 4, 4), 3, 2, 1)
+        out = max_pool2d(torch.zeros(1, 1, 4, 4, device="meta"), 3, 2, 1)  # another device: F.max_pool2d
+    assert taken == ["cpu"] and out.shape == (1, 1, 2, 2)
+
+
 def _stack_loss(stack, params, x, w):
     return (torch.func.functional_call(stack, params, (x,)) * w).sum()
 

@@ -1,7 +1,7 @@
 """VPT's max-pool, run by ATen's kernels inside a compiled step too.
 
 Inductor compiles ``max_pool2d`` into its own C++ loops, the backward as a zero fill and a scatter (torch 2.13's
-decomposition); ATen's CPU kernels do both faster. Traced by the compiled train step (:func:`aten_max_pool`),
+decomposition); ATen's CPU kernels do both faster. Traced by the compiled train step on CPU (:func:`aten_max_pool`),
 :func:`max_pool2d` therefore calls ATen through two operators inductor cannot see into, ``mstudio::max_pool2d``
 and ``mstudio::max_pool2d_backward``, joined by an ``autograd.Function``. Measured on 2 cores, two fresh processes
 each way (``mstudio bench`` presets, compiled step, 80 steps): VPT ``tiny`` 13.55 / 13.56 -> 12.88 / 13.19 ms a
@@ -81,13 +81,14 @@ class _MaxPool2d(torch.autograd.Function):
 
 def max_pool2d(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
     """``F.max_pool2d(x, kernel_size, stride, padding)`` of ``x`` ``(N, C, H, W)``, the same values and gradient;
-    traced by ``torch.compile`` inside :func:`aten_max_pool`, through ATen's kernels rather than inductor's (see the
-    module's docstring).
+    traced by ``torch.compile`` inside :func:`aten_max_pool` on CPU, through ATen's kernels rather than inductor's
+    (see the module's docstring).
 
     Returns:
         ``(N, C, H_out, W_out)``, ``x``'s dtype and memory format.
     """
-    if not (torch.compiler.is_compiling() and _aten_when_traced):
+    # CPU only: that is where it was measured; on CUDA inductor's pool (Triton) is left as it is.
+    if not (torch.compiler.is_compiling() and _aten_when_traced and x.device.type == "cpu"):
         return F.max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding)
     return _MaxPool2d.apply(x, [kernel_size] * 2, [stride] * 2, [padding] * 2)[0]
 
