@@ -28,6 +28,18 @@ class ScaleByAdamState(NamedTuple):
     nu: Any  # second moments (exp_avg_sq), params' structure
 
 
+@torch.library.custom_op("mstudio::computed_once", mutates_args=())
+def computed_once(x: Tensor) -> Tensor:
+    """``x`` (a copy), as an operator inductor cannot see into: traced, ``x`` is computed once into a buffer and its
+    readers load it, where inductor would otherwise inline a small computation into every loop that reads it."""
+    return x.clone()
+
+
+@computed_once.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _new_moments(m: list[Tensor], v: list[Tensor], g: list[Tensor], b1: float,
                  b2: float) -> tuple[list[Tensor], list[Tensor]]:
     """Adam's moments after gradients ``g``, as new tensors: ``lerp(m, g, 1 - b1)`` and ``b2 * v + (1 - b2) * g * g``
@@ -73,6 +85,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         c = count.to(torch.float64)
         bias_correction1 = 1 - b1**c
         bias_correction2_sqrt = torch.sqrt(1 - b2**c)
+        if torch.compiler.is_compiling():
+            # Inductor would inline these two scalars into every loop that reads them, computing both powers once
+            # per 16 elements (a 71 M-element update: 93 vs 74 ms): computed once, in a buffer of their own.
+            bias_correction1, bias_correction2_sqrt = computed_once(
+                torch.stack([bias_correction1, bias_correction2_sqrt])).unbind()
         m, v = [mu[i] for i in present], [nu[i] for i in present]
         if is_donated():  # the moments are the caller's to overwrite (see mstudio.optim.donated)
             torch._foreach_lerp_(m, g, 1 - b1)

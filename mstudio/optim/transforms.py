@@ -133,21 +133,29 @@ def _leaves_matching(tree: PyTree, treedef, what: str) -> list:
 
 
 _KNOWN_NORM = contextvars.ContextVar("mstudio_optim_known_norm", default=None)
+#: The same while dynamo traces, which cannot set a ContextVar: a stack it mutates as a side effect (traced code
+#: runs in one thread at a time, under dynamo's compile lock).
+_TRACED_KNOWN_NORMS: list = []
 
 
 @contextlib.contextmanager
 def known_global_norm(tree: PyTree, norm: Tensor) -> Iterator[None]:
     """Within this block :func:`global_norm` of the same leaves as ``tree``'s, none written since, is ``norm``.
 
-    The eager train step takes the gradients' norm for its metrics, and clipping then needs the same one: one
-    pass over the gradients less (~0.4 ms a step on VPT ``tiny``, 2 % of the eager step). Traced code never
-    looks: under tracing the block sets nothing (dynamo cannot set a ContextVar), so a compiled step takes the
-    norm twice; inductor does not merge the two reductions, but with clipping it computes the second in the
-    update's own loop over the gradients (arithmetic, not another read of them: see mstudio.optim.adam)."""
-    if torch.compiler.is_compiling():
-        yield
-        return
+    The train step takes the gradients' norm for its metrics, and clipping then needs the same one: one pass over
+    the gradients less (~0.4 ms a step on VPT ``tiny``'s eager step). Compiled, the norm taken twice also shaped
+    the optimizer's kernel: inductor does not merge the two reductions, fused the second into the update's loop,
+    and that loop could then not take the update's norm as well, which took a loop of its own reading the update
+    back."""
     leaves = [g for g in trees.tree_leaves(tree, none_is_leaf=True) if g is not None]
+    if torch.compiler.is_compiling():
+        # No versions: dynamo reads an unknown tensor's _version as data-dependent and cannot compare it
+        _TRACED_KNOWN_NORMS.append(([(leaf, None) for leaf in leaves], norm))
+        try:
+            yield
+        finally:
+            _TRACED_KNOWN_NORMS.pop()
+        return
     token = _KNOWN_NORM.set(([(leaf, leaf._version) for leaf in leaves], norm))
     try:
         yield
@@ -157,11 +165,14 @@ def known_global_norm(tree: PyTree, norm: Tensor) -> Iterator[None]:
 
 def _known_norm(leaves: list[Tensor]) -> Tensor | None:
     """The norm :func:`known_global_norm` gave for exactly these tensors, unwritten since; else ``None``."""
-    known = _KNOWN_NORM.get()
+    if torch.compiler.is_compiling():
+        known = _TRACED_KNOWN_NORMS[-1] if _TRACED_KNOWN_NORMS else None
+    else:
+        known = _KNOWN_NORM.get()
     if known is None or len(known[0]) != len(leaves):
         return None
     for leaf, (was, version) in zip(leaves, known[0]):
-        if leaf is not was or leaf._version != version:
+        if leaf is not was or (version is not None and leaf._version != version):
             return None
     return known[1]
 
@@ -174,14 +185,14 @@ def global_norm(tree: PyTree) -> Tensor:
     leaves = [g for g in trees.tree_leaves(tree, none_is_leaf=True) if g is not None]
     if not leaves:
         return torch.zeros(())
+    known = _known_norm(leaves)
+    if known is not None:
+        return known
     if torch.compiler.is_compiling():
         # Inductor runs _foreach_norm as one library call per tensor (the step takes three norms: ~300 calls, over
         # 1 ms a step on VPT tiny); per-tensor norms it fuses into the kernels that produce the tensors.
         norms = [torch.linalg.vector_norm(leaf) for leaf in leaves]
     else:
-        known = _known_norm(leaves)
-        if known is not None:
-            return known
         norms = torch._foreach_norm(leaves)
     return torch.linalg.vector_norm(torch.stack(norms))
 

@@ -56,3 +56,22 @@ def test_known_global_norm_is_reused_for_the_same_unwritten_tensors(monkeypatch)
         torch.testing.assert_close(optim.global_norm(grads), torch.cat([grads["a"].flatten(), grads["c"]]).norm())
     assert len(computed) == 2
     assert optim.global_norm(grads) is not marker  # outside the block: computed again
+
+
+def test_known_global_norm_is_reused_while_traced_for_the_same_tensors():
+    # Traced there is no version to compare (dynamo reads an unknown tensor's _version as data-dependent): the
+    # same tensor objects are enough, as GradientTransformations do not write into their inputs.
+    def norms(a, c, marker):
+        grads = {"a": a, "b": None, "c": c}
+        with optim.known_global_norm(grads, marker):
+            same = optim.global_norm(grads)
+            other = optim.global_norm({"a": a})
+        return same, other, optim.global_norm(grads)
+
+    a, c, marker = torch.randn(3, 4), torch.randn(5), torch.tensor(123.0)
+    torch._dynamo.reset()
+    same, other, after = torch.compile(norms, backend="eager", fullgraph=True)(a, c, marker)
+    assert torch.equal(same, marker)
+    torch.testing.assert_close(other, a.norm())
+    torch.testing.assert_close(after, torch.cat([a.flatten(), c]).norm())
+    assert not optim.transforms._TRACED_KNOWN_NORMS  # the traced block left nothing behind

@@ -1,6 +1,7 @@
-"""The compiled step's optimizer update passes over each large tensor twice: once for the gradient norms, once
-for the moments, the parameter and the update's norm together (mstudio.optim.adam: the direction recomputes the
-moments, since inductor would not fuse its loop into the loop that writes them)."""
+"""The compiled step's optimizer update passes over each large tensor twice: once for the gradient norm, once for
+the moments, the parameter and the update's norm together (mstudio.optim.adam: the direction recomputes the
+moments, since inductor would not fuse its loop into the loop that writes them; clipping reuses the step's
+gradient norm, mstudio.optim.known_global_norm; the bias corrections are computed once)."""
 
 import re
 
@@ -11,6 +12,7 @@ from torch._inductor.utils import run_and_get_code
 import mstudio
 from mstudio import trees
 from mstudio.optim import global_norm
+from mstudio.optim.adam import computed_once
 from mstudio.train.packing import ALONE_FROM, packing_for
 from mstudio.train.step import _update_pure
 
@@ -49,6 +51,12 @@ def _update(optimizer, params, grads, opt_state, packed):
     return _update_pure(optimizer, grads, opt_state, params, torch.tensor(1.0), grad_norm, packing, True)
 
 
+def test_computed_once_is_a_copy_of_its_input():
+    x = torch.randn(2, dtype=torch.float64)
+    y = computed_once(x)
+    assert torch.equal(y, x) and y.dtype == x.dtype and y.data_ptr() != x.data_ptr()
+
+
 @pytest.mark.slow
 def test_the_compiled_update_with_clipping_reads_a_large_tensor_twice_and_matches_eager():
     optimizer, params, grads, state = _setup(clip_norm=1.0)
@@ -56,14 +64,16 @@ def test_the_compiled_update_with_clipping_reads_a_large_tensor_twice_and_matche
     compiled = torch.compile(lambda *args: _update(optimizer, *args, packed=True), fullgraph=True)
     (new_params, new_state, finite), codes = run_and_get_code(compiled, params, grads, state)
     loops = _loops_over(ALONE_FROM, "\n".join(codes))
-    # One loop for the gradient norms (the step's metric and clipping's), one for the moments, the parameter and
-    # the update's norm, reading the step's inputs only (g, m, v, p) and writing m, v, p. Before the moments were
-    # recomputed, a third: the parameter's loop read the new moments back from memory (10 accesses, not 8).
-    # (Without clipping both ways take 9: inductor fuses the step's gradient norm into the update's loop, which
-    # then cannot take in the update's norm; a loop of its own reads the update back.)
+    # One loop for the gradient norm (clipping reuses the step's), one for the moments, the parameter and the
+    # update's norm, reading the step's inputs only (g, m, v, p) and writing m, v, p. Before the moments were
+    # recomputed, a third: the parameter's loop read the new moments back from memory (10 accesses, not 8); with
+    # the norm taken twice, the update's loop took the second one and left the update's norm a loop of its own.
     assert len(loops) == 2, loops
     assert not any(re.search(r"loadu\(out_ptr", body) for body in loops), loops
     assert sum(len(re.findall(r"\b(loadu|store)\(", body)) for body in loops) == 8, loops
+    assert [body.count("cascade_sum_combine") for body in loops] == [1, 1], loops  # each norm once
+    # Adam's bias corrections are computed once (mstudio::computed_once), not once per 16 elements in the loop
+    assert not any("pow" in body for body in loops), loops
     assert bool(finite)
     want_params, want_state, _ = _update(optimizer, params, grads, state, packed=False)
     for got, want in zip(trees.tree_leaves(new_state) + list(new_params.values()),
