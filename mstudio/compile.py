@@ -1,7 +1,7 @@
 """How compiled steps are compiled: the inductor options a caller passes, and where they are cached (a persistent
 directory for inductor's FX-graph and AOTAutograd caches).
 
-Compiling the VPT step costs under a minute on a small CPU (``tiny``: 42 s on 2 cores, its C++ kernels built in
+Compiling the VPT step costs under a minute on a small CPU (``tiny``: 44 s on 2 cores, its C++ kernels built in
 batches by :mod:`mstudio.kernel_builds`); with the caches a second process that builds the same step (a resumed
 run, the next experiment with other hyper-parameters) loads the compiled graph and its C++ kernels from disk
 instead. torch keeps both caches on by default
