@@ -146,7 +146,8 @@ def known_global_norm(tree: PyTree, norm: Tensor) -> Iterator[None]:
     the gradients less (~0.4 ms a step on VPT ``tiny``'s eager step). Compiled, the norm taken twice also shaped
     the optimizer's kernel: inductor does not merge the two reductions, fused the second into the update's loop,
     and that loop could then not take the update's norm as well, which took a loop of its own reading the update
-    back."""
+    back. Traced, "none written since" is not checked (dynamo cannot compare an unknown tensor's ``_version``):
+    the same tensor objects are enough, since a :class:`GradientTransformation` does not write into its inputs."""
     leaves = [g for g in trees.tree_leaves(tree, none_is_leaf=True) if g is not None]
     if torch.compiler.is_compiling():
         # No versions: dynamo reads an unknown tensor's _version as data-dependent and cannot compare it
