@@ -98,15 +98,13 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
             m_seen, v_seen = m, v  # what the direction is computed from
         else:
             new_m, new_v = _new_moments(m, v, g, b1, b2)
-            m_seen, v_seen = new_m, new_v
-            if torch.compiler.is_compiling():
-                # The same moments again, for the direction. The compiled step's non-finite guard later writes
-                # into the new moments (mstudio.train.skip), and inductor (torch 2.13) does not fuse a loop into
-                # the loop that makes its input when that input is written again afterwards: the direction's loop
-                # would read both moments back from memory. Computed from the old moments instead, the three
-                # loops share their reads and fuse into one pass (a 71 M-element tensor: 168 -> 117 ms an
-                # update). Same operations, same order: the same bits.
-                m_seen, v_seen = _new_moments(m, v, g, b1, b2)
+            # Compiled, the same moments again for the direction. The compiled step's non-finite guard later
+            # writes into the new moments (mstudio.train.skip), and inductor (torch 2.13) does not fuse a loop into
+            # the loop that makes its input when that input is written again afterwards: the direction's loop
+            # would read both moments back from memory. Computed from the old moments instead, the three loops
+            # share their reads and fuse into one pass (a 71 M-element tensor: 168 -> 117 ms an update). Same
+            # operations, same order: the same bits.
+            m_seen, v_seen = _new_moments(m, v, g, b1, b2) if torch.compiler.is_compiling() else (new_m, new_v)
             m, v = new_m, new_v
         # Fresh tensors are updated in place: on CPU an out-of-place foreach op costs several times an
         # in-place one (allocation), and none of them is visible outside this function yet.

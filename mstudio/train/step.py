@@ -153,7 +153,7 @@ def _update_pure(optimizer: GradientTransformation, grads: dict[str, Tensor | No
     old_params, old_opt_state = current, opt_state
     if packing is not None:
         old_params, old_opt_state = packing.pack(current), packing.pack_state(opt_state)
-    with known_global_norm(grads, grad_norm):  # eager: clipping reuses it; traced: no effect
+    with known_global_norm(grads, grad_norm):  # clipping reuses the step's norm
         updates, new_opt_state = optimizer.update(grads, old_opt_state, old_params)
     params = apply_updates(old_params, updates)
     # A NaN or inf on its way to the parameters shows in one of these: the loss, the gradients, or the update
@@ -409,10 +409,11 @@ class TrainStep:
                 (``compile=False``) writes the optimizer update into them with in-place ``torch._foreach_*``
                 ops (:func:`mstudio.optim.donated`) instead of allocating a new state, the same numbers up
                 to one rounding of the step (``adamw``'s in-place update is ``torch.optim.AdamW``'s). A
-                compiled step computes as without donation (its graph already fuses the update). Either way ``state`` is then spent: the returned state may share
-                its tensors, and passing it to a step again raises ``RuntimeError``. Use it when nothing else
-                keeps the old state (a training loop that only ever steps the newest state). Eagerly, the
-                non-finite guard then decides before writing, with one host sync (see ``_update_donated``).
+                compiled step computes as without donation (its graph already fuses the update). Either way
+                ``state`` is then spent: the returned state may share its tensors, and passing it to a step
+                again raises ``RuntimeError``. Use it when nothing else keeps the old state (a training loop
+                that only ever steps the newest state). Eagerly, the non-finite guard then decides before
+                writing, with one host sync (see ``_update_donated``).
 
         With CUDA graphs (compiled on CUDA) every replay overwrites the previous replay's outputs, so the step
         returns metrics the caller owns (copied out of the graph's buffers) and ``state`` is always spent, as if
