@@ -86,9 +86,10 @@ class _Branches:
         return pre * self._decide(pre > 0)  # = relu(pre), value and gradient, when the mask is its own
 
     def _pool(self, stack):
-        x = self.pre.pop(stack)  # firstconv's output (N, C, H, W), post-ReLU
+        x = self.pre.pop(stack)  # firstconv's output (N, C, H, W), before the ReLU the stack applies after the pool
         index = self._decide(F.max_pool2d(x, kernel_size=3, stride=2, padding=1, return_indices=True)[1])
-        return x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+        pooled = x.flatten(2).gather(2, index.flatten(2)).view(index.shape)
+        return pooled * self._decide(pooled > 0)
 
     def remove(self):
         for handle in self.handles:

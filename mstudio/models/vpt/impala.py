@@ -77,13 +77,19 @@ class CnnBasicBlock(nn.Module):
 
 
 class CnnDownStack(nn.Module):
-    """``firstconv`` -> 3x3/2 max-pool -> optional GroupNorm ``n`` -> ``nblock`` residual blocks (halves H, W)."""
+    """``firstconv`` (with its ReLU) -> 3x3/2 max-pool -> optional GroupNorm ``n`` -> ``nblock`` residual blocks
+    (halves H, W).
+
+    The ReLU runs after the pool: ``relu(max_pool(y)) == max_pool(relu(y))`` exactly, in value and gradient (the
+    ReLU is monotone, so each window's first maximum is the same element, and a window whose maximum is not
+    positive passes no gradient either way), on a quarter of the elements.
+    """
 
     def __init__(self, inchan: int, outchan: int, nblock: int, init_scale: float, groups: int | None,
                  post_pool_groups: int | None, first_conv_norm: bool):
         super().__init__()
         first_norm = "group" if first_conv_norm and groups is not None else None
-        self.firstconv = FanInLayer(inchan, outchan, conv=True, relu=True, norm=first_norm, groups=groups)
+        self.firstconv = FanInLayer(inchan, outchan, conv=True, relu=False, norm=first_norm, groups=groups)
         if post_pool_groups is not None:
             self.n = nn.GroupNorm(post_pool_groups, outchan)
         self.post_pool_groups = post_pool_groups
@@ -92,7 +98,7 @@ class CnnDownStack(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        x = max_pool2d(self.firstconv(x), kernel_size=3, stride=2, padding=1)
+        x = F.relu(max_pool2d(self.firstconv(x), kernel_size=3, stride=2, padding=1), inplace=True)
         if self.post_pool_groups is not None:
             x = self.n(x)
         for block in self.blocks:
