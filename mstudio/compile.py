@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mstudio.fusion_choices import output_fusion
 from mstudio.kernel_builds import with_batched_kernel_builds
 
 __all__ = ["CACHE_ENV", "check_compile_options", "compile_cache_dir", "compiled_call", "configure_compile_cache",
@@ -70,7 +71,8 @@ def configure_compile_cache() -> Path:
 
 def compiled_call(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (a ``torch.compile``-d step) called as mstudio compiles: the C++ kernels of its compiles built in
-    batches (:mod:`mstudio.kernel_builds`), and AOTAutograd's cache open to graphs with an ``autograd.Function``.
+    batches (:mod:`mstudio.kernel_builds`), the optimizer's loops fused at any distance
+    (:mod:`mstudio.fusion_choices`), and AOTAutograd's cache open to graphs with an ``autograd.Function``.
 
     torch's AOTAutograd cache turns away a graph that holds an ``autograd.Function`` unless
     ``torch._functorch.config.autograd_cache_allow_custom_autograd_functions`` is set, and VPT's max-pool is one
@@ -88,7 +90,8 @@ def compiled_call(fn: Callable[..., Any]) -> Callable[..., Any]:
         before = functorch_config.autograd_cache_allow_custom_autograd_functions
         functorch_config.autograd_cache_allow_custom_autograd_functions = True
         try:
-            return batched(*args, **kwargs)
+            with output_fusion():
+                return batched(*args, **kwargs)
         finally:
             functorch_config.autograd_cache_allow_custom_autograd_functions = before
 

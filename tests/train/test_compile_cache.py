@@ -2,6 +2,7 @@
 and the inductor options a compiled step passes on."""
 
 import os
+import threading
 
 import pytest
 
@@ -140,16 +141,37 @@ def test_compiled_call_opens_the_autograd_cache_to_functions_for_the_call_only()
 
     from mstudio import kernel_builds
 
+    from torch._inductor import config as inductor_config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.virtualized import V
+
+    from mstudio.fusion_choices import output_fusion_choices
+
     seen = []
 
     def step(x):
-        seen.append((functorch_config.autograd_cache_allow_custom_autograd_functions, kernel_builds._depth))
+        seen.append((functorch_config.autograd_cache_allow_custom_autograd_functions, kernel_builds._depth,
+                     V.choices is output_fusion_choices(), inductor_config.inductor_choices_class))
         if x is None:
             raise ValueError("bad input")
         return x
 
-    call = compiled_call(step)
-    assert call(3) == 3 and seen == [(True, 1)]  # inside batched kernel builds too
-    with pytest.raises(ValueError, match="bad input"):
-        call(None)
+    def in_a_new_thread():  # where inductor has not chosen its choices yet (they are per thread)
+        call = compiled_call(step)
+        results.append(call(3))
+        try:
+            call(None)
+        except ValueError as error:
+            results.append(str(error))
+        results.append(type(V.choices))
+
+    results = []
+    thread = threading.Thread(target=in_a_new_thread)
+    thread.start()
+    thread.join()
+    # inside batched kernel builds too, and with the widened fusion rule, which inductor's caches key on
+    assert seen == [(True, 1, True, output_fusion_choices)] * 2
+    assert results == [3, "bad input", InductorChoices]  # inductor's own choices again after the calls
     assert functorch_config.autograd_cache_allow_custom_autograd_functions is False and kernel_builds._depth == 0
+    assert inductor_config.inductor_choices_class is None
+    assert output_fusion_choices().uuid() == "mstudio.fusion_choices.output_fusion/1"

@@ -11,6 +11,7 @@ from torch._inductor.utils import run_and_get_code
 
 import mstudio
 from mstudio import trees
+from mstudio.compile import compiled_call
 from mstudio.optim import global_norm
 from mstudio.optim.adam import computed_once
 from mstudio.train.packing import ALONE_FROM, packing_for
@@ -81,3 +82,32 @@ def test_the_compiled_update_with_clipping_reads_a_large_tensor_twice_and_matche
         # inductor's arithmetic rounds a little differently from eager kernels' (and with clipping, the packed
         # buffer's norm from the norm of per-tensor norms)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _many_groups():
+    """A big tensor of a size of its own, 8 more of ALONE_FROM elements and 60 small ones (packed into one
+    buffer: the copies in and out are nodes of their own), so the update's loops over the big tensor lie more
+    than 64 nodes apart in the graph, as in VPT's step."""
+    torch.manual_seed(0)
+    params = {"big": torch.randn(ALONE_FROM + 16)}
+    params.update({f"w{i}": torch.randn(ALONE_FROM) for i in range(8)})
+    params.update({f"b{i}": torch.randn(7) for i in range(60)})
+    grads = {name: 0.1 * torch.randn_like(p) for name, p in params.items()}
+    optimizer = mstudio.optim.adamw(1e-2, weight_decay=0.1, clip_norm=1.0)
+    state = optimizer.update(grads, optimizer.init(params), params)[1]
+    return optimizer, params, grads, state
+
+
+@pytest.mark.slow
+def test_with_many_groups_the_update_still_reads_a_large_tensor_twice_under_compiled_call():
+    optimizer, params, grads, state = _many_groups()
+    update = torch.compile(lambda *args: _update(optimizer, *args, packed=True), fullgraph=True)
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(compiled_call(update), params, grads, state)
+    loops = _loops_over(ALONE_FROM + 16, "\n".join(codes))
+    # mstudio.fusion_choices: the moments' and the parameter's loops fuse although they lie far apart
+    assert len(loops) == 2, loops
+    assert sum(len(re.findall(r"\b(loadu|store)\(", body)) for body in loops) == 8, loops
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(update, params, grads, state)  # inductor's own heuristic: more passes
+    assert len(_loops_over(ALONE_FROM + 16, "\n".join(codes))) > 2
