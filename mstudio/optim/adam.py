@@ -28,8 +28,8 @@ class ScaleByAdamState(NamedTuple):
     nu: Any  # second moments (exp_avg_sq), params' structure
 
 
-# A bare torch.library.Library operator, not torch.library.custom_op: its Python wrapper cost ~80 us a call in
-# the compiled step (VPT tiny), the operator ~3.
+# A bare torch.library.Library operator, not torch.library.custom_op: inside VPT tiny's compiled step a call cost
+# ~80 us through custom_op's Python wrapper, ~29 us as a bare operator.
 _LIBRARY = torch.library.Library("mstudio", "FRAGMENT")
 _LIBRARY.define("computed_once(Tensor x) -> Tensor")
 _LIBRARY.impl("computed_once", lambda x: x.clone(), "CompositeExplicitAutograd")
