@@ -8,6 +8,7 @@ import optree
 import torch
 from torch import Tensor
 
+from mstudio.operators import define
 from mstudio.optim.checks import POSITIVE, UNIT_INTERVAL, check_number
 from mstudio.optim.transforms import (
     GradientTransformation,
@@ -28,18 +29,9 @@ class ScaleByAdamState(NamedTuple):
     nu: Any  # second moments (exp_avg_sq), params' structure
 
 
-# A bare torch.library.Library operator, not torch.library.custom_op: inside VPT tiny's compiled step a call cost
-# ~80 us through custom_op's Python wrapper, ~29 us as a bare operator.
-_LIBRARY = torch.library.Library("mstudio", "FRAGMENT")
-_LIBRARY.define("computed_once(Tensor x) -> Tensor")
-_LIBRARY.impl("computed_once", lambda x: x.clone(), "CompositeExplicitAutograd")
-torch.library.register_fake("mstudio::computed_once", lambda x: torch.empty_like(x), lib=_LIBRARY)
-
-
-def computed_once(x: Tensor) -> Tensor:
-    """``x`` (a copy), as an operator inductor cannot see into: traced, ``x`` is computed once into a buffer and its
-    readers load it, where inductor would otherwise inline a small computation into every loop that reads it."""
-    return torch.ops.mstudio.computed_once.default(x)
+#: ``x`` (a copy), as an operator inductor cannot see into: traced, ``x`` is computed once into a buffer and its
+#: readers load it, where inductor would otherwise inline a small computation into every loop that reads it.
+computed_once = define("computed_once(Tensor x) -> Tensor", torch.clone, torch.empty_like)
 
 
 def _new_moments(m: list[Tensor], v: list[Tensor], g: list[Tensor], b1: float,

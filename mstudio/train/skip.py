@@ -16,23 +16,14 @@ import torch
 from torch import Tensor
 
 from mstudio import trees
+from mstudio.operators import define
 
 __all__ = ["keep_if"]
 
 
-# Defined with torch.library.Library, not torch.library.custom_op: a compiled step calls it every step, and inside
-# VPT tiny's step (3 calls) a call cost ~75 us through custom_op's Python wrapper, ~17 us as a bare operator.
-_LIBRARY = torch.library.Library("mstudio", "FRAGMENT")
-_LIBRARY.define("restore_unless_(Tensor ok, Tensor(a!)[] new, Tensor[] old) -> ()")
-
-
-def restore_unless_(ok: Tensor, new: list[Tensor], old: list[Tensor]) -> None:
+def _restore_unless(ok: Tensor, new: list[Tensor], old: list[Tensor]) -> None:
     """``new[i] <- old[i]`` for every ``i`` unless ``ok`` (bool 0-d); same shapes and dtypes pairwise (checked
-    while traced)."""
-    torch.ops.mstudio.restore_unless_.default(ok, new, old)
-
-
-def _restore_unless_kernel(ok: Tensor, new: list[Tensor], old: list[Tensor]) -> None:
+    while traced, by :func:`_restore_unless_fake`)."""
     if ok.device.type == "cpu":
         if not bool(ok):
             torch._foreach_copy_(new, old)
@@ -48,8 +39,8 @@ def _restore_unless_fake(ok: Tensor, new: list[Tensor], old: list[Tensor]) -> No
                              f"{tuple(o.shape)} {o.dtype} differ in shape or dtype")
 
 
-_LIBRARY.impl("restore_unless_", _restore_unless_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake("mstudio::restore_unless_", _restore_unless_fake, lib=_LIBRARY)
+restore_unless_ = define("restore_unless_(Tensor ok, Tensor(a!)[] new, Tensor[] old) -> ()", _restore_unless,
+                         _restore_unless_fake)
 
 
 def keep_if(ok: Tensor, new: Any, old: Any, *, writable: bool = False) -> Any:

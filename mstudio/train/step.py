@@ -498,8 +498,8 @@ class TrainStep:
         self._cuda_graphs = state.step.device.type == "cuda"
         # CUDA graphs replay the whole step as one launch; on CPU there is nothing to replay.
         options = inductor_options(self._compile_options, cuda_graphs=self._cuda_graphs)
-        # Its CPU kernels built a batch per compile worker rather than one g++ run each (mstudio.kernel_builds);
-        # VPT's max-pool run by ATen's kernels (mstudio.models.vpt.max_pool).
+        # Compiled as mstudio compiles (mstudio.compile.compiled_call: kernels built in batches, the optimizer's
+        # loops fused); VPT's max-pool run by ATen's kernels (mstudio.models.vpt.max_pool).
         self._step_fn = with_aten_max_pool(compiled_call(torch.compile(step_fn, fullgraph=True, options=options)))
 
 

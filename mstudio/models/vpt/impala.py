@@ -77,12 +77,13 @@ class CnnBasicBlock(nn.Module):
 
 
 class CnnDownStack(nn.Module):
-    """``firstconv`` (with its ReLU) -> 3x3/2 max-pool -> optional GroupNorm ``n`` -> ``nblock`` residual blocks
-    (halves H, W).
+    """``firstconv`` -> 3x3/2 max-pool -> ReLU -> optional GroupNorm ``n`` -> ``nblock`` residual blocks (halves
+    H, W).
 
-    The ReLU runs after the pool: ``relu(max_pool(y)) == max_pool(relu(y))`` exactly, in value and gradient (the
-    ReLU is monotone, so each window's first maximum is the same element, and a window whose maximum is not
-    positive passes no gradient either way), on a quarter of the elements.
+    VPT applies ``firstconv``'s ReLU before the pool; here it runs after it, on a quarter of the elements:
+    ``relu(max_pool(y)) == max_pool(relu(y))`` exactly, in value and gradient (the ReLU is monotone, so each
+    window's first maximum is the same element, and a window whose maximum is not positive passes no gradient
+    either way).
     """
 
     def __init__(self, inchan: int, outchan: int, nblock: int, init_scale: float, groups: int | None,

@@ -29,17 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mstudio.operators import define
+
 __all__ = ["aten_max_pool", "max_pool2d", "with_aten_max_pool"]
 
 #: Whether traced :func:`max_pool2d` goes through ATen's kernels; read while dynamo traces (so guarded on),
 #: set by :func:`aten_max_pool`.
 _aten_when_traced = False
-
-
-_LIBRARY = torch.library.Library("mstudio", "FRAGMENT")
-_LIBRARY.define("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)")
-_LIBRARY.define("max_pool2d_backward(Tensor grad, Tensor x, Tensor indices, int[2] kernel_size, int[2] stride, "
-                "int[2] padding) -> Tensor")
 
 
 def _forward(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
@@ -52,10 +48,11 @@ def _backward(grad: Tensor, x: Tensor, indices: Tensor, kernel_size: list[int], 
                                                            indices)
 
 
-# The same functions give the shapes, strides and dtypes under FakeTensor: ATen's meta kernels.
-for _name, _kernel in (("max_pool2d", _forward), ("max_pool2d_backward", _backward)):
-    _LIBRARY.impl(_name, _kernel, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"mstudio::{_name}", _kernel, lib=_LIBRARY)
+# Under FakeTensor the same functions give the shapes, strides and dtypes: ATen's meta kernels.
+_max_pool = define("max_pool2d(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding) -> (Tensor, Tensor)",
+                   _forward)
+_max_pool_backward = define("max_pool2d_backward(Tensor grad, Tensor x, Tensor indices, int[2] kernel_size, "
+                            "int[2] stride, int[2] padding) -> Tensor", _backward)
 
 
 class _MaxPool2d(torch.autograd.Function):
@@ -64,7 +61,7 @@ class _MaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> tuple[Tensor, Tensor]:
-        return tuple(torch.ops.mstudio.max_pool2d(x, kernel_size, stride, padding))
+        return tuple(_max_pool(x, kernel_size, stride, padding))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -75,8 +72,7 @@ class _MaxPool2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor, _indices_grad: Tensor | None):
         x, indices = ctx.saved_tensors
-        return torch.ops.mstudio.max_pool2d_backward(grad, x, indices, ctx.kernel_size, ctx.stride,
-                                                     ctx.padding), None, None, None
+        return _max_pool_backward(grad, x, indices, ctx.kernel_size, ctx.stride, ctx.padding), None, None, None
 
 
 def max_pool2d(x: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
